@@ -1,0 +1,179 @@
+"""A small kernfs: the tree of directories and attributes behind sysfs.
+
+It carries the rules every sysfs file obeys, whoever registered it, so the
+livepatch code only supplies show/store callbacks (spec §2.2):
+
+* opening an attribute for writing when its mode has no write bit, or for
+  reading when it has no read bit, is EACCES even for root (kernfs_fop_open);
+* a 0-byte write never reaches the store callback; a longer one is cut to
+  PAGE_SIZE and the callback sees the bytes as written;
+* a removed node is dead for handles opened earlier (ENODEV, the kernfs
+  "active reference" is gone) and invisible to new lookups (ENOENT).
+
+Nothing here knows about livepatch.  Whoever shows the tree (the FUSE layer)
+subscribes as a listener to learn of removals, so it can drop cached entries.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+PAGE_SIZE = 4096
+ROOT_INO = 1
+
+Show = Callable[[], str]
+Store = Callable[[bytes], int]
+"""A store callback returns the byte count it consumed or a negative errno."""
+
+
+class KernfsListener(Protocol):
+    """Told about structural changes, after they happen."""
+
+    def node_added(self, node: KernfsNode) -> None: ...
+
+    def node_removed(self, node: KernfsNode) -> None: ...
+
+
+class KernfsNode:
+    """One directory or attribute; an attribute has show and/or store."""
+
+    __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime")
+
+    def __init__(self, name: str, mode: int, parent: KernfsNode | None, ino: int,
+                 show: Show | None = None, store: Store | None = None, ctime: float = 0.0):
+        self.name = name
+        self.mode = mode
+        self.parent = parent
+        self.children: dict[str, KernfsNode] | None = {} if stat.S_ISDIR(mode) else None
+        self.ino = ino
+        self.show = show
+        self.store = store
+        self.active = True
+        self.ctime = ctime
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+    @property
+    def path(self) -> str:
+        """Path from the tree's root, with a leading slash."""
+        parts: list[str] = []
+        node: KernfsNode | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"<KernfsNode {self.path} {stat.filemode(self.mode)}>"
+
+
+class Kernfs:
+    """The tree: inode numbers are stable for a node's life and never reused."""
+
+    def __init__(self, now: Callable[[], float] = time.time):
+        self._now = now
+        self._next_ino = ROOT_INO + 1
+        self.root = KernfsNode("", stat.S_IFDIR | 0o755, None, ROOT_INO, ctime=now())
+        self._nodes: dict[int, KernfsNode] = {ROOT_INO: self.root}
+        self.listeners: list[KernfsListener] = []
+
+    # -- lookup ---------------------------------------------------------------
+
+    def get(self, ino: int) -> KernfsNode | None:
+        """The live node with this inode number, or None once it is removed."""
+        return self._nodes.get(ino)
+
+    def lookup(self, parent: KernfsNode, name: str) -> KernfsNode | None:
+        if parent.children is None:
+            return None
+        return parent.children.get(name)
+
+    def walk(self, path: str) -> KernfsNode | None:
+        """Resolve a slash-separated path from the root."""
+        node: KernfsNode | None = self.root
+        for part in path.strip("/").split("/"):
+            if not part:
+                continue
+            if node is None:
+                return None
+            node = self.lookup(node, part)
+        return node
+
+    # -- creation and removal -------------------------------------------------
+
+    def create_dir(self, parent: KernfsNode, name: str, mode: int = 0o755) -> KernfsNode:
+        """Raises FileExistsError on a name clash, as kernfs_add_one does."""
+        return self._add(parent, KernfsNode(name, stat.S_IFDIR | mode, parent, 0))
+
+    def create_file(self, parent: KernfsNode, name: str, mode: int,
+                    show: Show | None = None, store: Store | None = None) -> KernfsNode:
+        return self._add(parent, KernfsNode(name, stat.S_IFREG | mode, parent, 0, show, store))
+
+    def _add(self, parent: KernfsNode, node: KernfsNode) -> KernfsNode:
+        assert parent.children is not None, "parent must be a directory"
+        if not parent.active:
+            raise FileNotFoundError(errno.ENOENT, "parent removed", parent.path)
+        if node.name in parent.children:
+            raise FileExistsError(errno.EEXIST, "duplicate filename", f"{parent.path}/{node.name}")
+        node.ino = self._next_ino
+        node.ctime = self._now()
+        self._next_ino += 1
+        parent.children[node.name] = node
+        self._nodes[node.ino] = node
+        for listener in self.listeners:
+            listener.node_added(node)
+        return node
+
+    def remove(self, node: KernfsNode) -> None:
+        """Remove a node and everything below it; handles on them go stale."""
+        if not node.active:
+            return
+        if node.children:
+            for child in list(node.children.values()):
+                self.remove(child)
+        node.active = False
+        del self._nodes[node.ino]
+        if node.parent is not None and node.parent.children is not None:
+            node.parent.children.pop(node.name, None)
+        for listener in self.listeners:
+            listener.node_removed(node)
+
+    # -- the attribute file rules (fs/kernfs/file.c, fs/sysfs/file.c) ---------
+
+    @staticmethod
+    def open_check(node: KernfsNode, want_read: bool, want_write: bool) -> int:
+        """0, or the negative errno kernfs_fop_open gives, whoever the caller is."""
+        if not node.active:
+            return -errno.ENODEV
+        if node.is_dir:
+            return -errno.EISDIR if want_write else 0
+        if want_write and (not node.mode & 0o222 or node.store is None):
+            return -errno.EACCES
+        if want_read and (not node.mode & 0o444 or node.show is None):
+            return -errno.EACCES
+        return 0
+
+    @staticmethod
+    def read(node: KernfsNode, offset: int, size: int) -> bytes | int:
+        """Bytes at offset of a fresh show(), or -ENODEV for a removed node."""
+        if not node.active:
+            return -errno.ENODEV
+        assert node.show is not None
+        data = node.show().encode()[: PAGE_SIZE - 1]
+        return data[offset: offset + size]
+
+    @staticmethod
+    def write(node: KernfsNode, data: bytes) -> int:
+        """Byte count consumed, or a negative errno from the store callback."""
+        if not node.active:
+            return -errno.ENODEV
+        if not data:
+            return 0
+        assert node.store is not None
+        return node.store(bytes(data[:PAGE_SIZE]))
