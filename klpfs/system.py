@@ -1,27 +1,35 @@
-"""One emulated machine: the kernel, livepatch and the kernfs tree that is mounted.
+"""One emulated machine: the kernel, livepatch, and the tree that is mounted.
 
-PLACEHOLDER while the engine is written: builds only the skeleton tree.
+The tree's root holds `sys/` (kernel/livepatch, module) and `proc/`.  The
+control server and the FUSE layer both work on this object, from the one
+trio thread that owns it.
 """
 
 from __future__ import annotations
 
-import trio
-
+from klpfs.fs.procfs import ProcFs
+from klpfs.kernel.kernel import Kernel
+from klpfs.livepatch.core import Livepatch
+from klpfs.profiles import get_profile
 from klpfs.sysfs.kernfs import Kernfs
+from klpfs.sysfs.module import ModuleSysfs
 
 
 class System:
-    """Construct inside trio.run (the kernel reads trio's clock)."""
+    """Construct inside trio (the kernel's clock is trio's); ValueError for an unknown version."""
 
-    def __init__(self, kernel_version: str = "4.15") -> None:
+    def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True) -> None:
+        self.profile = get_profile(kernel_version)
+        self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages)
         self.kernfs = Kernfs()
         root = self.kernfs.root
         sys_dir = self.kernfs.create_dir(root, "sys")
-        kernel = self.kernfs.create_dir(sys_dir, "kernel")
-        self.kernfs.create_dir(kernel, "livepatch")
-        self.kernfs.create_dir(sys_dir, "module")
-        self.kernfs.create_dir(root, "proc")
+        kernel_kobj = self.kernfs.create_dir(sys_dir, "kernel")
+        self.livepatch = Livepatch(self.kernel, self.profile, self.kernfs, kernel_kobj, reliable_stacks)
+        self.module_sysfs = ModuleSysfs(self.kernfs, self.kernfs.create_dir(sys_dir, "module"),
+                                        self.kernel.modules)
+        self.procfs = ProcFs(self.kernfs, self.kernfs.create_dir(root, "proc", 0o555), self.kernel)
 
     async def run(self) -> None:
-        """Run the kernel's background work until cancelled."""
-        await trio.sleep_forever()
+        """Run the kernel's background work (timers, the transition retry) until cancelled."""
+        await self.kernel.timers.run()

@@ -1,0 +1,71 @@
+"""The emulated /proc: a directory per task and files served by calling the
+emulated kernel's own show functions.
+
+`cat MNT/proc/cmdline` runs the emulated cmdline_proc_show as the console
+task through the ftrace call path, so a patch that replaces it is visible
+to cat exactly when that task would see it.
+"""
+
+from __future__ import annotations
+
+from klpfs.kernel.kernel import Kernel
+from klpfs.kernel.sched import Task, stack_lines
+from klpfs.sysfs.kernfs import Kernfs, KernfsNode
+
+# /proc files served by an emulated function of the same meaning.
+SHOW_FUNCTIONS = {
+    "cmdline": "cmdline_proc_show",
+    "version": "version_proc_show",
+    "meminfo": "meminfo_proc_show",
+    "loadavg": "loadavg_proc_show",
+    "uptime": "uptime_proc_show",
+}
+
+
+class ProcFs:
+    def __init__(self, kernfs: Kernfs, proc: KernfsNode, kernel: Kernel):
+        self._kernfs = kernfs
+        self._proc = proc
+        self._kernel = kernel
+        self._dirs: dict[int, KernfsNode] = {}
+        for name, func in SHOW_FUNCTIONS.items():
+            kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func))
+        kernfs.create_file(proc, "modules", 0o444, self._modules)
+        sys_kernel = kernfs.create_dir(kernfs.create_dir(proc, "sys", 0o555), "kernel", 0o555)
+        kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n")
+        for task in kernel.sched.tasks.values():
+            self._task_event("fork", task)
+        kernel.sched.task_notifiers.append(self._task_event)
+
+    def _call(self, func_name: str) -> str:
+        kernel = self._kernel
+        func = kernel.kallsyms.find(func_name)
+        return "" if func is None else kernel.call(func, kernel.console).output
+
+    def _modules(self) -> str:
+        """/proc/modules: name, size, refcount, users, state, address, taints."""
+        lines = []
+        for mod in reversed(self._kernel.modules.modules.values()):
+            size = sum(sym.size for sym in mod.symbols)
+            taints = f" ({mod.taints})" if mod.taints else ""
+            lines.append(f"{mod.name} {size} {mod.refcnt} - {mod.state.name.capitalize()} 0x0000000000000000{taints}\n")
+        return "".join(lines)
+
+    def _task_event(self, event: str, task: Task) -> None:
+        if event == "fork":
+            node = self._kernfs.create_dir(self._proc, str(task.pid), 0o555)
+            self._task_files(node, task)
+            self._task_files(self._kernfs.create_dir(
+                self._kernfs.create_dir(node, "task", 0o555), str(task.pid), 0o555), task)
+            self._dirs[task.pid] = node
+        else:
+            node = self._dirs.pop(task.pid, None)
+            if node is not None:
+                self._kernfs.remove(node)
+
+    def _task_files(self, node: KernfsNode, task: Task) -> None:
+        kernfs = self._kernfs
+        kernfs.create_file(node, "comm", 0o644, lambda: f"{task.comm}\n")
+        kernfs.create_file(node, "patch_state", 0o400, lambda: f"{task.patch_state}\n")
+        kernfs.create_file(node, "stack", 0o400,
+                           lambda: "".join(f"{line}\n" for line in stack_lines(self._kernel.sched.stack(task))))

@@ -1,0 +1,121 @@
+"""kallsyms: every function of vmlinux and of each loaded module.
+
+Symbols are kept per object in the order the kernel would list them, so a
+name that occurs several times (static functions in different files) is
+found by position, which is what klp_func.old_sympos counts (spec §3.4).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+VMLINUX_TEXT = 0xFFFFFFFF81000000
+MODULES_TEXT = 0xFFFFFFFFC0000000
+MODULE_SPAN = 0x100000
+FUNC_ALIGN = 16
+
+Body = Callable[["object"], str]
+"""What calling the function produces, given the calling task."""
+
+
+def const_body(text: str) -> Body:
+    """A body that always produces the same text."""
+    return lambda task: text
+
+
+@dataclass(eq=False, slots=True)
+class KSym:
+    """One function: where it lives, how big it is and what it does."""
+
+    name: str
+    addr: int
+    size: int
+    module: str | None
+    body: Body = field(default=const_body(""))
+    traceable: bool = True
+    """False for notrace functions: ftrace has no location for them."""
+
+    @property
+    def object_name(self) -> str:
+        return self.module or "vmlinux"
+
+    def contains(self, addr: int) -> bool:
+        return self.addr <= addr < self.addr + self.size
+
+
+@dataclass(slots=True)
+class FuncDef:
+    """A function as an image or module file declares it, before it has an address."""
+
+    name: str
+    size: int = 0x100
+    body: Body = field(default=const_body(""))
+    traceable: bool = True
+
+
+class Kallsyms:
+    """Symbol tables by object (None = vmlinux) plus an address index."""
+
+    def __init__(self) -> None:
+        self._by_object: dict[str | None, list[KSym]] = {}
+        self._starts: list[int] = []
+        self._at: dict[int, KSym] = {}
+        self._next_module_base = MODULES_TEXT
+
+    def add_object(self, module: str | None, funcs: list[FuncDef]) -> list[KSym]:
+        """Lay out an object's functions one after another, as the linker would."""
+        if module is None:
+            addr = VMLINUX_TEXT
+        else:
+            addr = self._next_module_base
+            self._next_module_base += MODULE_SPAN * (1 + sum(f.size for f in funcs) // MODULE_SPAN)
+        syms = []
+        for f in funcs:
+            sym = KSym(f.name, addr, f.size, module, f.body, f.traceable)
+            syms.append(sym)
+            self._at[addr] = sym
+            bisect.insort(self._starts, addr)
+            addr += -(-f.size // FUNC_ALIGN) * FUNC_ALIGN
+        self._by_object[module] = syms
+        return syms
+
+    def remove_object(self, module: str) -> None:
+        for sym in self._by_object.pop(module, []):
+            del self._at[sym.addr]
+            del self._starts[bisect.bisect_left(self._starts, sym.addr)]
+
+    def each_symbol(self, module: str | None) -> Iterator[KSym]:
+        """kallsyms_on_each_symbol restricted to one object, in table order."""
+        return iter(self._by_object.get(module, ()))
+
+    def symbols(self, module: str | None) -> list[KSym]:
+        return self._by_object.get(module, [])
+
+    def lookup(self, addr: int) -> KSym | None:
+        """The function containing addr (kallsyms_lookup_size_offset)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        sym = self._at[self._starts[i]]
+        return sym if sym.contains(addr) else None
+
+    def at(self, addr: int) -> KSym | None:
+        """The function starting exactly at addr."""
+        return self._at.get(addr)
+
+    def find(self, name: str, module: str | None = None) -> KSym | None:
+        """First function of that name in the object (what `call FUNC` means)."""
+        for sym in self._by_object.get(module, ()):
+            if sym.name == name:
+                return sym
+        return None
+
+    def find_any(self, name: str) -> KSym | None:
+        """First function of that name anywhere: vmlinux first, then modules."""
+        for syms in self._by_object.values():
+            for sym in syms:
+                if sym.name == name:
+                    return sym
+        return None

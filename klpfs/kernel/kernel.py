@@ -1,0 +1,95 @@
+"""The emulated kernel: everything the livepatch code relies on, in one object.
+
+It knows nothing of livepatch.  Livepatch plugs in where the real kernel
+calls it directly: the module loader's coming/going slots and the
+exit-to-user/idle work for TIF_PATCH_PENDING.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from klpfs.kernel.ftrace import Ftrace
+from klpfs.kernel.image import Image, load_image
+from klpfs.kernel.kallsyms import Kallsyms, KSym
+from klpfs.kernel.module import ModuleLoader
+from klpfs.kernel.printk import Printk
+from klpfs.kernel.sched import Sched, Task, TaskKind
+from klpfs.kernel.timers import Timers
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """Which implementation answered a call to `called`, and what it produced."""
+
+    called: KSym
+    impl: KSym
+    output: str
+
+
+class Kernel:
+    """Construct inside trio: time is trio's clock, seconds since this boot."""
+
+    def __init__(self, release: str = "4.15.0", image: Image | None = None,
+                 module_sig_messages: bool = False):
+        self.release = release
+        self.image = image or load_image(release)
+        self.timers = Timers()
+        self.log = Printk(self.timers.now)
+        self.kallsyms = Kallsyms()
+        self.kallsyms.add_object(None, self.image.functions)
+        self.ftrace = Ftrace(self._ftrace_location)
+        self.sched = Sched(self.timers, self.kallsyms, self.resolve, self.image.nr_cpus)
+        self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages)
+        self._boot_tasks()
+
+    def printk(self, level: int, text: str) -> None:
+        self.log.printk(level, text)
+
+    def now(self) -> float:
+        return self.timers.now()
+
+    # -- the call path ---------------------------------------------------------
+
+    def resolve(self, func: KSym, task: Task) -> KSym:
+        """The implementation that runs when task calls func (ftrace decides)."""
+        ip = self.ftrace.resolve(func.addr, task)
+        if ip == func.addr:
+            return func
+        impl = self.kallsyms.lookup(ip)
+        return impl if impl is not None else func
+
+    def call(self, func: KSym, task: Task) -> CallResult:
+        """Run func as task, through any redirection, and return what it produced."""
+        impl = self.resolve(func, task)
+        return CallResult(func, impl, impl.body(task))
+
+    @property
+    def console(self) -> Task:
+        """The task whose context runs reads of emulated /proc files (the shell)."""
+        task = self.sched.find(self.image.console)
+        if task is None:
+            task = next(t for t in self.sched.tasks.values() if t.kind is TaskKind.USER)
+        return task
+
+    # -- boot ----------------------------------------------------------------------
+
+    def _ftrace_location(self, ip: int) -> int:
+        sym = self.kallsyms.at(ip)
+        return ip if sym is not None and sym.traceable else 0
+
+    def _syms(self, names: list[str]) -> list[KSym]:
+        syms = []
+        for name in names:
+            sym = self.kallsyms.find(name)
+            if sym is None:
+                raise ValueError(f"kernel image: task stack names unknown function {name!r}")
+            syms.append(sym)
+        return syms
+
+    def _boot_tasks(self) -> None:
+        image = self.image
+        for cpu in range(image.nr_cpus):
+            self.sched.add_idle(cpu, self._syms(image.boot_idle_stack if cpu == 0 else image.idle_stack))
+        for t in image.tasks:
+            self.sched.add(t.comm, TaskKind(t.kind), self._syms(t.stack), ppid=t.ppid, pid=t.pid)

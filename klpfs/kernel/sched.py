@@ -1,0 +1,320 @@
+"""Tasks, their kernel stacks, and the places where they pass through
+"return to user space" and "the idle loop".
+
+Each task has a resting stack (what it sits in when it has nothing to do)
+and may sleep inside, or run inside, some function.  Entering a function
+goes through the ftrace call path as the task itself, so a task that
+sleeps inside a patched function holds whichever implementation it
+entered: the original, an older patch's or the new one.
+
+Work flags (TIF_*) that have a handler registered in `exit_work` are
+serviced where the kernel services them: when a user task returns to user
+space and when an idle task goes round the idle loop.  A user task running
+in user mode and the idle task of an idle CPU get there within a tick.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from klpfs.kernel.timers import TICK, Timer, Timers
+
+if TYPE_CHECKING:
+    from klpfs.kernel.kallsyms import Kallsyms, KSym
+
+TASK_RUNNING = "R"
+TASK_INTERRUPTIBLE = "S"
+TASK_UNINTERRUPTIBLE = "D"
+TASK_COMM_LEN = 16
+
+TIF_PATCH_PENDING = "TIF_PATCH_PENDING"
+TIF_SIGPENDING = "TIF_SIGPENDING"
+
+REST_FRAMES = ("schedule", "__schedule")
+IDLE_REST_FRAMES = ("schedule_idle", "__schedule")
+SLEEP_FRAMES = {
+    TASK_INTERRUPTIBLE: ("schedule_timeout", "schedule", "__schedule"),
+    TASK_UNINTERRUPTIBLE: ("msleep", "schedule_timeout", "schedule", "__schedule"),
+}
+
+
+class TaskKind(enum.Enum):
+    USER = "user"
+    KTHREAD = "kthread"
+    IDLE = "idle"
+
+
+class Activity:
+    """What the task is doing beyond resting: inside `func` (sleeping or running)."""
+
+    __slots__ = ("func", "impl", "state", "wake_at", "timer")
+
+    def __init__(self, func: KSym, impl: KSym, state: str, wake_at: float | None):
+        self.func = func
+        self.impl = impl
+        self.state = state
+        self.wake_at = wake_at
+        self.timer: Timer | None = None
+
+
+class Task:
+    """task_struct, reduced to what livepatch and /proc look at."""
+
+    __slots__ = ("pid", "comm", "kind", "cpu", "ppid", "base", "state", "activity",
+                 "reliable_stack", "flags", "patch_state", "_tick", "exited")
+
+    def __init__(self, pid: int, comm: str, kind: TaskKind, base: list[KSym], cpu: int = 0,
+                 ppid: int = 0, state: str = TASK_INTERRUPTIBLE):
+        self.pid = pid
+        self.comm = comm[: TASK_COMM_LEN - 1]
+        self.kind = kind
+        self.cpu = cpu
+        self.ppid = ppid
+        self.base = base
+        self.state = state
+        self.activity: Activity | None = None
+        self.reliable_stack = True
+        self.flags: set[str] = set()
+        self.patch_state = -1
+        self._tick: Timer | None = None
+        self.exited = False
+
+    @property
+    def in_user(self) -> bool:
+        """A user task running with no kernel frames (busy in user mode)."""
+        return self.kind is TaskKind.USER and self.state == TASK_RUNNING and self.activity is None
+
+    def __repr__(self) -> str:
+        return f"<Task {self.comm}:{self.pid} {self.kind.value} {self.state}>"
+
+
+class Sched:
+    """The task list, CPUs, and the scheduler events livepatch cares about."""
+
+    def __init__(self, timers: Timers, kallsyms: Kallsyms, resolve: Callable[[KSym, Task], KSym],
+                 nr_cpus: int):
+        self._timers = timers
+        self._kallsyms = kallsyms
+        self._resolve = resolve
+        self.tasks: dict[int, Task] = {}
+        self.idle_tasks: list[Task] = []
+        self.cpu_online = [True] * nr_cpus
+        self.exit_work: dict[str, Callable[[Task], None]] = {}
+        """Flag -> handler run on return to user space and in the idle loop."""
+        self.task_notifiers: list[Callable[[str, Task], None]] = []
+        """Told ("fork" | "exit", task), for the /proc view."""
+        self._next_pid = 1
+
+    # -- the task list ---------------------------------------------------------
+
+    def user_and_kthreads(self) -> Iterator[Task]:
+        """for_each_process_thread: every task but the idle tasks."""
+        return iter(list(self.tasks.values()))
+
+    def all_tasks(self) -> Iterator[Task]:
+        yield from self.tasks.values()
+        yield from self.idle_tasks
+
+    def find(self, pid: int) -> Task | None:
+        return self.tasks.get(pid)
+
+    def add_idle(self, cpu: int, base: list[KSym]) -> Task:
+        task = Task(0, f"swapper/{cpu}", TaskKind.IDLE, base, cpu=cpu, state=TASK_RUNNING)
+        self.idle_tasks.append(task)
+        return task
+
+    def add(self, comm: str, kind: TaskKind, base: list[KSym], ppid: int = 0,
+            pid: int | None = None) -> Task:
+        """A new task, copying its parent's patch state and pending flag (spec §8.12)."""
+        if pid is None:
+            pid = self._next_pid
+        self._next_pid = max(self._next_pid, pid + 1)
+        task = Task(pid, comm, kind, base, cpu=pid % len(self.cpu_online), ppid=ppid)
+        parent = self.tasks.get(ppid)
+        if parent is not None:
+            task.patch_state = parent.patch_state
+            if TIF_PATCH_PENDING in parent.flags:
+                task.flags.add(TIF_PATCH_PENDING)
+        self.tasks[pid] = task
+        for notify in self.task_notifiers:
+            notify("fork", task)
+        return task
+
+    def exit(self, task: Task) -> None:
+        self._end_activity(task)
+        self._cancel_tick(task)
+        task.exited = True
+        del self.tasks[task.pid]
+        self._cpu_changed(task.cpu)
+        for notify in self.task_notifiers:
+            notify("exit", task)
+
+    # -- stacks -----------------------------------------------------------------
+
+    def stack(self, task: Task) -> list[KSym]:
+        """The task's kernel call chain, outermost first."""
+        if task.in_user:
+            return []
+        if task.kind is TaskKind.IDLE:
+            return task.base if self.idle_running(task) else task.base + self._syms(IDLE_REST_FRAMES)
+        act = task.activity
+        if act is None:
+            return task.base + self._syms(REST_FRAMES)
+        frames = task.base + [act.impl]
+        if act.state != TASK_RUNNING:
+            frames += self._syms(SLEEP_FRAMES[act.state])
+        return frames
+
+    def stack_trace_reliable(self, task: Task, max_entries: int) -> list[int] | None:
+        """save_stack_trace_tsk_reliable: return addresses innermost first, or None."""
+        frames = self.stack(task)
+        if not task.reliable_stack or len(frames) > max_entries:
+            return None
+        return [return_address(sym) for sym in reversed(frames)]
+
+    def _syms(self, names: tuple[str, ...]) -> list[KSym]:
+        return [sym for name in names if (sym := self._kallsyms.find(name)) is not None]
+
+    # -- CPUs --------------------------------------------------------------------
+
+    def task_curr(self, task: Task) -> bool:
+        """Is the task executing on a CPU right now?"""
+        if task.kind is TaskKind.IDLE:
+            return self.idle_running(task)
+        return task.state == TASK_RUNNING
+
+    def idle_running(self, idle: Task) -> bool:
+        cpu = idle.cpu
+        return self.cpu_online[cpu] and not any(
+            t.state == TASK_RUNNING and t.cpu == cpu for t in self.tasks.values())
+
+    def set_cpu_online(self, cpu: int, online: bool) -> None:
+        self.cpu_online[cpu] = online
+        self._cpu_changed(cpu)
+
+    def _cpu_changed(self, cpu: int) -> None:
+        if cpu < len(self.idle_tasks):
+            self._arm_tick(self.idle_tasks[cpu])
+
+    # -- what tasks do -------------------------------------------------------------
+
+    def enter(self, task: Task, func: KSym, state: str, seconds: float | None = None) -> KSym:
+        """The task calls func (through ftrace) and sleeps there, or runs there.
+
+        A user task busy in user mode enters the kernel to do so.  Returns the
+        implementation it entered.
+        """
+        self._end_activity(task)
+        impl = self._resolve(func, task)
+        act = Activity(func, impl, state, None if seconds is None else self._timers.now() + seconds)
+        if act.wake_at is not None:
+            act.timer = self._timers.call_at(act.wake_at, lambda: self.wake(task))
+        task.activity = act
+        old_cpu = task.cpu
+        task.state = state
+        self._cpu_changed(old_cpu)
+        return impl
+
+    def run(self, task: Task) -> None:
+        """Make the task busy: a user task in user mode, a kthread in its resting code."""
+        self._end_activity(task)
+        task.state = TASK_RUNNING
+        self._cpu_changed(task.cpu)
+        self._arm_tick(task)
+
+    def rest(self, task: Task) -> None:
+        """Back to the resting sleep, as a task with nothing to do."""
+        self._end_activity(task)
+        task.state = TASK_INTERRUPTIBLE
+        self._cpu_changed(task.cpu)
+
+    def wake(self, task: Task) -> None:
+        """The sleep inside a function ends: the function returns.
+
+        A user task then goes back out to user space (a switch point) before it
+        rests again; a kthread just rests again.
+        """
+        if task.exited or task.activity is None:
+            return
+        self._end_activity(task)
+        if task.kind is TaskKind.USER:
+            self._return_to_user(task)
+        task.state = TASK_INTERRUPTIBLE
+        self._cpu_changed(task.cpu)
+
+    def signal_wake_up(self, task: Task) -> None:
+        """A fake signal: TIF_SIGPENDING without a queued signal (spec §8.10).
+
+        A user task in an interruptible sleep leaves the kernel toward user
+        space and then restarts the interrupted call (re-entering the function
+        through ftrace for the time that is left); a busy one is kicked at
+        its next tick; an uninterruptible sleeper is untouched.
+        """
+        task.flags.add(TIF_SIGPENDING)
+        act = task.activity
+        if task.state == TASK_INTERRUPTIBLE:
+            self._return_to_user(task)
+            if act is not None:
+                remaining = None if act.wake_at is None else max(0.0, act.wake_at - self._timers.now())
+                self.enter(task, act.func, act.state, remaining)
+        elif task.state == TASK_RUNNING:
+            self._arm_tick(task)
+
+    def wake_up_interruptible(self, task: Task) -> None:
+        """wake_up_state(TASK_INTERRUPTIBLE) of a kthread: an interruptible
+        sleep inside a function ends early; a resting kthread rests again."""
+        if task.state == TASK_INTERRUPTIBLE and task.activity is not None:
+            self.wake(task)
+
+    # -- switch points ---------------------------------------------------------------
+
+    def set_flag(self, task: Task, flag: str) -> None:
+        """set_tsk_thread_flag; a task about to pass a switch point will do so."""
+        task.flags.add(flag)
+        self._arm_tick(task)
+
+    def _return_to_user(self, task: Task) -> None:
+        """exit_to_usermode_loop: service the pending work flags."""
+        for flag in list(task.flags):
+            handler = self.exit_work.get(flag)
+            if handler is not None:
+                handler(task)
+        task.flags.discard(TIF_SIGPENDING)
+
+    def _arm_tick(self, task: Task) -> None:
+        if task._tick is None and self._at_switch_point_soon(task) and any(
+                flag in self.exit_work for flag in task.flags):
+            task._tick = self._timers.call_later(TICK, lambda: self._tick_fired(task))
+
+    def _at_switch_point_soon(self, task: Task) -> bool:
+        if task.kind is TaskKind.IDLE:
+            return self.idle_running(task)
+        return task.in_user
+
+    def _tick_fired(self, task: Task) -> None:
+        task._tick = None
+        if not task.exited and self._at_switch_point_soon(task):
+            self._return_to_user(task)
+
+    def _cancel_tick(self, task: Task) -> None:
+        if task._tick is not None:
+            task._tick.cancel()
+            task._tick = None
+
+    def _end_activity(self, task: Task) -> None:
+        act = task.activity
+        if act is not None and act.timer is not None:
+            act.timer.cancel()
+        task.activity = None
+
+
+def return_address(sym: KSym) -> int:
+    """Where a frame inside sym returns to: somewhere in its body."""
+    return sym.addr + sym.size // 2
+
+
+def stack_lines(frames: list[KSym]) -> list[str]:
+    """/proc/<pid>/stack lines, innermost first, addresses hidden as the kernel does."""
+    return [f"[<0>] {sym.name}+{sym.size // 2:#x}/{sym.size:#x}" for sym in reversed(frames)]

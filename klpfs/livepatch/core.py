@@ -1,0 +1,393 @@
+"""Registration, enabling, disabling, sysfs and module notifiers
+(kernel/livepatch/core.c, spec §2-§4, §7).
+
+Every public operation runs to completion without yielding to trio, which is
+how klp_mutex is honoured: nothing else can observe or change livepatch
+state half-way through.  Functions return 0 or a negative errno, as the
+kernel's do.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from klpfs.kernel.kstrtox import kstrtobool
+from klpfs.kernel.module import ModuleState
+from klpfs.kernel.printk import KERN_ERR, KERN_NOTICE, KERN_WARNING
+from klpfs.kernel.sched import TIF_PATCH_PENDING
+from klpfs.kernel.timers import DelayedWork
+from klpfs.livepatch.callbacks import (
+    klp_post_patch_callback, klp_post_unpatch_callback, klp_pre_patch_callback, klp_pre_unpatch_callback)
+from klpfs.livepatch.patch import klp_patch_object, klp_unpatch_object
+from klpfs.livepatch.structs import (
+    KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch, klp_is_module,
+    klp_is_object_loaded)
+from klpfs.livepatch.transition import (
+    klp_cancel_transition, klp_force_transition, klp_init_transition, klp_reverse_transition,
+    klp_send_signals, klp_start_transition, klp_transition_work_fn, klp_try_complete_transition,
+    klp_update_patch_state)
+from klpfs.sysfs.kobject import MODE_RO, MODE_RW, MODE_WO, Attribute, kobject_add
+
+if TYPE_CHECKING:
+    from klpfs.kernel.kernel import Kernel
+    from klpfs.kernel.module import Module
+    from klpfs.profiles import Profile
+    from klpfs.sysfs.kernfs import Kernfs, KernfsNode
+
+
+class Livepatch:
+    """The subsystem's global state (klp_patches, klp_ops, the transition) and its API."""
+
+    def __init__(self, kernel: Kernel, profile: Profile, kernfs: Kernfs, kernel_kobj: KernfsNode,
+                 reliable_stacks: bool = True):
+        self.kernel = kernel
+        self.profile = profile
+        self.kernfs = kernfs
+        self.reliable_stacks = reliable_stacks
+        """klp_have_reliable_stack(): the arch can check stacks (§1.4)."""
+        self.klp_patches: list[KlpPatch] = []
+        self.klp_ops: list[KlpOps] = []
+        self.klp_transition_patch: KlpPatch | None = None
+        self.klp_target_state = KLP_UNDEFINED
+        self.klp_forced = False
+        self.klp_transition_work = DelayedWork(kernel.timers, lambda: klp_transition_work_fn(self))
+        # klp_init: /sys/kernel/livepatch, then the places the kernel calls us.
+        self.klp_root_kobj = kernfs.create_dir(kernel_kobj, "livepatch")
+        kernel.modules.klp_coming = self.klp_module_coming
+        kernel.modules.klp_going = self.klp_module_going
+        kernel.sched.exit_work[TIF_PATCH_PENDING] = lambda task: klp_update_patch_state(self, task)
+
+    def pr(self, level: int, text: str) -> None:
+        """pr_*() with this subsystem's pr_fmt prefix."""
+        self.kernel.printk(level, f"livepatch: {text}")
+
+    def klp_is_patch_registered(self, patch: KlpPatch) -> bool:
+        return any(p is patch for p in self.klp_patches)
+
+    # -- symbol lookup (§3.4) ---------------------------------------------------
+
+    def klp_find_object_symbol(self, objname: str | None, name: str, sympos: int) -> int:
+        """The address of the sympos-th `name` in the object, or -EINVAL with a message."""
+        count = 0
+        addr = 0
+        for sym in self.kernel.kallsyms.each_symbol(objname):
+            if sym.name != name:
+                continue
+            addr = sym.addr
+            count += 1
+            if (sympos and count == sympos) or (not sympos and count > 1):
+                break
+        if addr == 0:
+            self.pr(KERN_ERR, f"symbol '{name}' not found in symbol table")
+        elif count > 1 and sympos == 0:
+            self.pr(KERN_ERR, f"unresolvable ambiguity for symbol '{name}' in object '{objname or '(null)'}'")
+        elif sympos != count and sympos > 0:
+            self.pr(KERN_ERR, f"symbol position {sympos} for symbol '{name}' in object "
+                              f"'{objname or 'vmlinux'}' not found")
+        else:
+            return addr
+        return -errno.EINVAL
+
+    # -- registration (§3) -----------------------------------------------------------
+
+    def klp_register_patch(self, patch: KlpPatch) -> int:
+        if patch is None or patch.mod is None:
+            return -errno.EINVAL
+        if not patch.mod.livepatch:
+            self.pr(KERN_ERR, f"module {patch.mod.name} is not marked as a livepatch module")
+            return -errno.EINVAL
+        if not self.reliable_stacks and not patch.immediate:
+            self.pr(KERN_ERR, "This architecture doesn't have support for the livepatch consistency model.")
+            return -errno.ENOSYS
+        return self._klp_init_patch(patch)
+
+    def _klp_init_patch(self, patch: KlpPatch) -> int:
+        if patch.objs is None:
+            return -errno.EINVAL
+        patch.enabled = False
+        kobj = kobject_add(self.kernfs, self.klp_root_kobj, patch.name, self.kernel.printk,
+                           self._patch_attrs(patch))
+        if isinstance(kobj, int):
+            return kobj
+        patch.kobj = kobj
+        for i, obj in enumerate(patch.objs):
+            ret = self._klp_init_object(patch, obj)
+            if ret:
+                self._klp_free_objects(patch.objs[:i])
+                self.kernfs.remove(kobj)
+                patch.kobj = None
+                return ret
+        self.klp_patches.append(patch)
+        return 0
+
+    def _patch_attrs(self, patch: KlpPatch) -> Iterator[Attribute]:
+        yield Attribute("enabled", MODE_RW, lambda: f"{int(patch.enabled)}\n",
+                        lambda buf: self._enabled_store(patch, buf))
+        yield Attribute("transition", MODE_RO, lambda: f"{int(patch is self.klp_transition_patch)}\n")
+        if self.profile.sysfs_signal:
+            yield Attribute("signal", MODE_WO, store=lambda buf: self._transition_action_store(
+                patch, buf, klp_send_signals))
+        if self.profile.sysfs_force:
+            yield Attribute("force", MODE_WO, store=lambda buf: self._transition_action_store(
+                patch, buf, klp_force_transition))
+
+    def _klp_init_object(self, patch: KlpPatch, obj: KlpObject) -> int:
+        if obj.funcs is None:
+            return -errno.EINVAL
+        obj.patched = False
+        obj.mod = None
+        if klp_is_module(obj):
+            mod = self.kernel.modules.find_module(obj.name)
+            if mod is not None and mod.klp_alive:
+                obj.mod = mod
+        assert patch.kobj is not None
+        kobj = kobject_add(self.kernfs, patch.kobj, obj.display_name, self.kernel.printk)
+        if isinstance(kobj, int):
+            return kobj
+        obj.kobj = kobj
+        for func in obj.funcs:
+            ret = self._klp_init_func(obj, func)
+            if ret:
+                self._klp_free_object(obj)
+                return ret
+        if klp_is_object_loaded(obj):
+            ret = self._klp_init_object_loaded(patch, obj)
+            if ret:
+                self._klp_free_object(obj)
+                return ret
+        return 0
+
+    def _klp_init_func(self, obj: KlpObject, func: KlpFunc) -> int:
+        if func.old_name is None or func.new_func is None:
+            return -errno.EINVAL
+        func.patched = False
+        func.transition = False
+        assert obj.kobj is not None
+        kobj = kobject_add(self.kernfs, obj.kobj, func.kobj_name, self.kernel.printk)
+        if isinstance(kobj, int):
+            return kobj
+        func.kobj = kobj
+        return 0
+
+    def _klp_init_object_loaded(self, patch: KlpPatch, obj: KlpObject) -> int:
+        """Resolve old_addr and the sizes of every func of a loaded object (§3.5)."""
+        kallsyms = self.kernel.kallsyms
+        for func in obj.funcs or ():
+            assert func.old_name is not None and func.new_func is not None
+            addr = self.klp_find_object_symbol(obj.name, func.old_name, func.old_sympos)
+            if addr < 0:
+                return addr
+            func.old_addr = addr
+            old = kallsyms.lookup(func.old_addr)
+            if old is None:
+                self.pr(KERN_ERR, f"kallsyms size lookup failed for '{func.old_name}'")
+                return -errno.ENOENT
+            func.old_size = old.size
+            new = kallsyms.lookup(func.new_func.addr)
+            if new is None:
+                self.pr(KERN_ERR, f"kallsyms size lookup failed for '{func.old_name}' replacement")
+                return -errno.ENOENT
+            func.new_size = new.size
+        return 0
+
+    def _klp_free_object(self, obj: KlpObject) -> None:
+        if obj.kobj is not None:
+            self.kernfs.remove(obj.kobj)
+        obj.kobj = None
+        for func in obj.funcs or ():
+            func.kobj = None
+
+    def _klp_free_objects(self, objs: list[KlpObject]) -> None:
+        for obj in objs:
+            self._klp_free_object(obj)
+
+    def klp_unregister_patch(self, patch: KlpPatch) -> int:
+        """Only `enabled` is checked, so an unpatching transition does not stop it (§4.4)."""
+        if not self.klp_is_patch_registered(patch):
+            return -errno.EINVAL
+        if patch.enabled:
+            return -errno.EBUSY
+        self._klp_free_objects(patch.objs or [])
+        self.klp_patches.remove(patch)
+        assert patch.kobj is not None
+        self.kernfs.remove(patch.kobj)
+        patch.kobj = None
+        return 0
+
+    # -- enable / disable (§4) ------------------------------------------------------------
+
+    def klp_enable_patch(self, patch: KlpPatch) -> int:
+        if not self.klp_is_patch_registered(patch):
+            return -errno.EINVAL
+        return self._klp_enable_patch(patch)
+
+    def _klp_enable_patch(self, patch: KlpPatch) -> int:
+        if self.klp_transition_patch is not None:
+            return -errno.EBUSY
+        if patch.enabled:
+            return -errno.EINVAL
+        if self.profile.stacking_rule:
+            i = self.klp_patches.index(patch)
+            if i > 0 and not self.klp_patches[i - 1].enabled:
+                return -errno.EBUSY
+        assert patch.mod is not None
+        if not self.kernel.modules.try_module_get(patch.mod):
+            return -errno.ENODEV
+        self.pr(KERN_NOTICE, f"enabling patch '{patch.name}'")
+        klp_init_transition(self, patch, KLP_PATCHED)
+        for obj in patch.objs or ():
+            if not klp_is_object_loaded(obj):
+                continue
+            ret = klp_pre_patch_callback(obj)
+            if ret:
+                self.pr(KERN_WARNING, f"pre-patch callback failed for object '{obj.display_name}'")
+                return self._enable_failed(patch, ret)
+            ret = klp_patch_object(self, obj)
+            if ret:
+                self.pr(KERN_WARNING, f"failed to patch object '{obj.display_name}'")
+                return self._enable_failed(patch, ret)
+        klp_start_transition(self)
+        klp_try_complete_transition(self)
+        patch.enabled = True
+        return 0
+
+    def _enable_failed(self, patch: KlpPatch, ret: int) -> int:
+        self.pr(KERN_WARNING, f"failed to enable patch '{patch.name}'")
+        klp_cancel_transition(self)
+        return ret
+
+    def klp_disable_patch(self, patch: KlpPatch) -> int:
+        if not self.klp_is_patch_registered(patch):
+            return -errno.EINVAL
+        if not patch.enabled:
+            return -errno.EINVAL
+        return self._klp_disable_patch(patch)
+
+    def _klp_disable_patch(self, patch: KlpPatch) -> int:
+        if not patch.enabled:
+            return -errno.EINVAL
+        if self.klp_transition_patch is not None:
+            return -errno.EBUSY
+        if self.profile.stacking_rule:
+            i = self.klp_patches.index(patch)
+            if i + 1 < len(self.klp_patches) and self.klp_patches[i + 1].enabled:
+                return -errno.EBUSY
+        klp_init_transition(self, patch, KLP_UNPATCHED)
+        for obj in patch.objs or ():
+            if obj.patched:
+                klp_pre_unpatch_callback(obj)
+        klp_start_transition(self)
+        klp_try_complete_transition(self)
+        patch.enabled = False
+        return 0
+
+    # -- sysfs stores (§2.4, §2.6) ---------------------------------------------------------
+
+    def _enabled_store(self, patch: KlpPatch, buf: bytes) -> int:
+        enabled = kstrtobool(buf)
+        if enabled is None:
+            return -errno.EINVAL
+        if not self.klp_is_patch_registered(patch):
+            return -errno.EINVAL
+        if patch.enabled == enabled:
+            return -errno.EINVAL
+        if patch is self.klp_transition_patch:
+            klp_reverse_transition(self)
+            ret = 0
+        elif enabled:
+            ret = self._klp_enable_patch(patch) if self.profile.reenable else -errno.EINVAL
+        else:
+            ret = self._klp_disable_patch(patch)
+        return ret or len(buf)
+
+    def _transition_action_store(self, patch: KlpPatch, buf: bytes,
+                                 action: Callable[[Livepatch], None]) -> int:
+        """signal and force: `0` is accepted and does nothing; `1` acts on this
+        patch's transition, which must be the running one (§2.6)."""
+        value = kstrtobool(buf)
+        if value is None:
+            return -errno.EINVAL
+        if not value:
+            return len(buf)
+        if patch is not self.klp_transition_patch:
+            return -errno.EINVAL
+        action(self)
+        return len(buf)
+
+    # -- module notifiers (§7) ---------------------------------------------------------------
+
+    def _module_object(self, patch: KlpPatch, mod: Module) -> KlpObject | None:
+        """The patch's first object for this module, if any."""
+        for obj in patch.objs or ():
+            if klp_is_module(obj) and obj.name == mod.name:
+                return obj
+        return None
+
+    def klp_module_coming(self, mod: Module) -> int:
+        if mod.state is not ModuleState.COMING:
+            return -errno.EINVAL
+        mod.klp_alive = True
+        for patch in self.klp_patches:
+            obj = self._module_object(patch, mod)
+            if obj is None:
+                continue
+            obj.mod = mod
+            ret = self._klp_init_object_loaded(patch, obj)
+            if ret:
+                self.pr(KERN_WARNING, f"failed to initialize patch '{patch.name}' for module '{mod.name}' ({ret})")
+                return self._module_coming_failed(mod, patch, obj, ret)
+            if patch is not self.klp_transition_patch and not patch.enabled:
+                continue
+            self.pr(KERN_NOTICE, f"applying patch '{patch.name}' to loading module '{mod.name}'")
+            ret = klp_pre_patch_callback(obj)
+            if ret:
+                self.pr(KERN_WARNING, f"pre-patch callback failed for object '{obj.name}'")
+                return self._module_coming_failed(mod, patch, obj, ret)
+            ret = klp_patch_object(self, obj)
+            if ret:
+                self.pr(KERN_WARNING, f"failed to apply patch '{patch.name}' to module '{mod.name}' ({ret})")
+                klp_post_unpatch_callback(obj)
+                return self._module_coming_failed(mod, patch, obj, ret)
+            if patch is not self.klp_transition_patch:
+                klp_post_patch_callback(obj)
+        return 0
+
+    def _module_coming_failed(self, mod: Module, patch: KlpPatch, obj: KlpObject, ret: int) -> int:
+        self.pr(KERN_WARNING, f"patch '{patch.name}' failed for module '{mod.name}', "
+                              f"refusing to load module '{mod.name}'")
+        mod.klp_alive = False
+        # The later fix (§12.1): the failing object forgets the module too, so
+        # it does not count as loaded once the module is gone.
+        self._forget_module(obj)
+        self._klp_cleanup_module_patches_limited(mod, patch)
+        return ret
+
+    def klp_module_going(self, mod: Module) -> None:
+        if mod.state not in (ModuleState.GOING, ModuleState.COMING):
+            return
+        mod.klp_alive = False
+        self._klp_cleanup_module_patches_limited(mod, None)
+
+    def _klp_cleanup_module_patches_limited(self, mod: Module, limit: KlpPatch | None) -> None:
+        for patch in self.klp_patches:
+            if patch is limit:
+                break
+            obj = self._module_object(patch, mod)
+            if obj is None:
+                continue
+            if patch.enabled or patch is self.klp_transition_patch:
+                if patch is not self.klp_transition_patch:
+                    klp_pre_unpatch_callback(obj)
+                self.pr(KERN_NOTICE, f"reverting patch '{patch.name}' on unloading module '{mod.name}'")
+                klp_unpatch_object(self, obj)
+                klp_post_unpatch_callback(obj)
+            self._forget_module(obj)
+
+    @staticmethod
+    def _forget_module(obj: KlpObject) -> None:
+        """klp_free_object_loaded: the object and func directories stay."""
+        obj.mod = None
+        for func in obj.funcs or ():
+            func.old_addr = 0

@@ -1,0 +1,225 @@
+"""The per-task consistency model (kernel/livepatch/transition.c, spec §8).
+
+A transition moves every task from the initial state to klp_target_state.
+Tasks switch when they are seen not to be inside the code being replaced
+(klp_try_switch_task), on return to user space and in the idle loop
+(klp_update_patch_state), or when forced.  An unsuccessful attempt re-arms
+the retry work for the next whole second.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from klpfs.kernel.printk import KERN_DEBUG, KERN_NOTICE, KERN_WARNING
+from klpfs.kernel.sched import TIF_PATCH_PENDING, TaskKind
+from klpfs.kernel.timers import round_jiffies_relative
+from klpfs.livepatch.callbacks import klp_post_patch_callback, klp_post_unpatch_callback
+from klpfs.livepatch.patch import klp_find_ops, klp_unpatch_objects
+from klpfs.livepatch.structs import (
+    KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, MAX_STACK_ENTRIES, STACK_ERR_BUF_SIZE, KlpFunc, KlpPatch,
+    klp_is_object_loaded)
+
+if TYPE_CHECKING:
+    from klpfs.kernel.sched import Task
+    from klpfs.livepatch.core import Livepatch
+
+
+def _direction(state: int) -> str:
+    return "patching" if state == KLP_PATCHED else "unpatching"
+
+
+def klp_complete_transition(lp: Livepatch) -> None:
+    """Finish: drop the old funcs (unpatching), reset every task, run post callbacks."""
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    target = lp.klp_target_state
+    lp.pr(KERN_DEBUG, f"'{patch.name}': completing {_direction(target)} transition")
+    if target == KLP_UNPATCHED:
+        klp_unpatch_objects(lp, patch)
+    immediate_func = False
+    if not patch.immediate:
+        for func in _funcs(patch):
+            func.transition = False
+            immediate_func |= func.immediate
+        sched = lp.kernel.sched
+        for task in sched.all_tasks():
+            task.patch_state = KLP_UNDEFINED
+    for obj in patch.objs or ():
+        if not klp_is_object_loaded(obj):
+            continue
+        if target == KLP_PATCHED:
+            klp_post_patch_callback(obj)
+        else:
+            klp_post_unpatch_callback(obj)
+    lp.pr(KERN_NOTICE, f"'{patch.name}': {_direction(target)} complete")
+    # §4.5/§8.11: immediate patches, and after any forced transition
+    # (4.16's global klp_forced), the module reference is never dropped.
+    if target == KLP_UNPATCHED and not patch.immediate and not immediate_func and not lp.klp_forced:
+        assert patch.mod is not None
+        lp.kernel.modules.module_put(patch.mod)
+    lp.klp_target_state = KLP_UNDEFINED
+    lp.klp_transition_patch = None
+
+
+def klp_cancel_transition(lp: Livepatch) -> None:
+    """The enable error path: go straight to an unpatching completion (§8.8)."""
+    if lp.klp_target_state != KLP_PATCHED:
+        return
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    lp.pr(KERN_DEBUG, f"'{patch.name}': canceling patching transition, going to unpatch")
+    lp.klp_target_state = KLP_UNPATCHED
+    klp_complete_transition(lp)
+
+
+def klp_update_patch_state(lp: Livepatch, task: Task) -> None:
+    """The switch on return to user space and in the idle loop (§8.1)."""
+    if TIF_PATCH_PENDING in task.flags:
+        task.flags.discard(TIF_PATCH_PENDING)
+        task.patch_state = lp.klp_target_state
+
+
+def _check_stack_func(lp: Livepatch, func: KlpFunc, trace: list[int]) -> bool:
+    """True if some return address lies in the code this task must not be in."""
+    if func.immediate:
+        return False
+    if lp.klp_target_state == KLP_UNPATCHED:
+        assert func.new_func is not None
+        start, size = func.new_func.addr, func.new_size
+    else:
+        ops = klp_find_ops(lp, func.old_addr)
+        assert ops is not None
+        if len(ops.func_stack) == 1:
+            start, size = func.old_addr, func.old_size
+        else:
+            prev = ops.func_stack[ops.func_stack.index(func) + 1]
+            assert prev.new_func is not None
+            start, size = prev.new_func.addr, prev.new_size
+    return any(start <= address < start + size for address in trace)
+
+
+def klp_check_stack(lp: Livepatch, task: Task) -> str | None:
+    """None if the task may switch, else the reason, as the debug line words it."""
+    where = "klp_try_switch_task" if lp.profile.stack_check_in_try_switch else "klp_check_stack"
+    trace = lp.kernel.sched.stack_trace_reliable(task, MAX_STACK_ENTRIES)
+    if trace is None:
+        return f"{where}: {task.comm}:{task.pid} has an unreliable stack"
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    for obj in patch.objs or ():
+        if not obj.patched:
+            continue
+        for func in obj.funcs or ():
+            if _check_stack_func(lp, func, trace):
+                return f"{where}: {task.comm}:{task.pid} is sleeping on function {func.old_name}"
+    return None
+
+
+def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
+    if task.patch_state == lp.klp_target_state:
+        return True
+    if not lp.reliable_stacks:
+        return False
+    if lp.kernel.sched.task_curr(task):
+        err = f"klp_try_switch_task: {task.comm}:{task.pid} is running"
+    else:
+        err = klp_check_stack(lp, task)
+    if err is not None:
+        lp.pr(KERN_DEBUG, err[: STACK_ERR_BUF_SIZE - 1])
+        return False
+    task.flags.discard(TIF_PATCH_PENDING)
+    task.patch_state = lp.klp_target_state
+    return True
+
+
+def klp_try_complete_transition(lp: Livepatch) -> None:
+    """Try every task and idle task once; complete, or retry next second (§8.5)."""
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    if not patch.immediate:
+        sched = lp.kernel.sched
+        complete = True
+        for task in sched.user_and_kthreads():
+            complete &= klp_try_switch_task(lp, task)
+        for idle in sched.idle_tasks:
+            if sched.cpu_online[idle.cpu]:
+                complete &= klp_try_switch_task(lp, idle)
+            elif idle.patch_state != lp.klp_target_state:
+                idle.flags.discard(TIF_PATCH_PENDING)
+                idle.patch_state = lp.klp_target_state
+        if not complete:
+            lp.klp_transition_work.schedule(round_jiffies_relative(lp.kernel.now(), 1.0))
+            return
+    klp_complete_transition(lp)
+
+
+def klp_start_transition(lp: Livepatch) -> None:
+    """Flag every task that still has to switch (§8.3)."""
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    lp.pr(KERN_NOTICE, f"'{patch.name}': starting {_direction(lp.klp_target_state)} transition")
+    if patch.immediate:
+        return
+    sched = lp.kernel.sched
+    for task in sched.all_tasks():
+        if task.patch_state != lp.klp_target_state:
+            sched.set_flag(task, TIF_PATCH_PENDING)
+
+
+def klp_init_transition(lp: Livepatch, patch: KlpPatch, state: int) -> None:
+    """Every task to the initial state, every func of the patch in transition (§8.2)."""
+    lp.klp_transition_patch = patch
+    lp.klp_target_state = state
+    lp.pr(KERN_DEBUG, f"'{patch.name}': initializing {_direction(state)} transition")
+    if patch.immediate:
+        return
+    initial_state = KLP_UNPATCHED if state == KLP_PATCHED else KLP_PATCHED
+    for task in lp.kernel.sched.all_tasks():
+        task.patch_state = initial_state
+    for func in _funcs(patch):
+        func.transition = True
+
+
+def klp_reverse_transition(lp: Livepatch) -> None:
+    """Turn the running transition round; the retry work completes it (§8.9)."""
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    lp.pr(KERN_DEBUG, f"'{patch.name}': reversing transition from "
+          + ("patching to unpatching" if lp.klp_target_state == KLP_PATCHED else "unpatching to patching"))
+    patch.enabled = not patch.enabled
+    lp.klp_target_state = KLP_UNPATCHED if lp.klp_target_state == KLP_PATCHED else KLP_PATCHED
+    for task in lp.kernel.sched.all_tasks():
+        task.flags.discard(TIF_PATCH_PENDING)
+    klp_start_transition(lp)
+
+
+def klp_send_signals(lp: Livepatch) -> None:
+    """Nudge the tasks still pending (§8.10): wake kthreads, fake-signal user tasks."""
+    lp.pr(KERN_NOTICE, "signaling remaining tasks")
+    sched = lp.kernel.sched
+    for task in sched.user_and_kthreads():
+        if TIF_PATCH_PENDING not in task.flags:
+            continue
+        if task.kind is TaskKind.KTHREAD:
+            sched.wake_up_interruptible(task)
+        else:
+            sched.signal_wake_up(task)
+
+
+def klp_force_transition(lp: Livepatch) -> None:
+    """Switch every remaining task without a stack check (§8.11)."""
+    lp.pr(KERN_WARNING, "forcing remaining tasks to the patched state")
+    for task in lp.kernel.sched.all_tasks():
+        klp_update_patch_state(lp, task)
+    lp.klp_forced = True
+
+
+def klp_transition_work_fn(lp: Livepatch) -> None:
+    if lp.klp_transition_patch is not None:
+        klp_try_complete_transition(lp)
+
+
+def _funcs(patch: KlpPatch):
+    for obj in patch.objs or ():
+        yield from obj.funcs or ()
