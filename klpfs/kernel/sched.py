@@ -106,6 +106,9 @@ class Sched:
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
         self._next_pid = 1
+        self._rest = self._syms(REST_FRAMES)
+        self._idle_rest = self._syms(IDLE_REST_FRAMES)
+        self._sleep = {state: self._syms(names) for state, names in SLEEP_FRAMES.items()}
 
     # -- the task list ---------------------------------------------------------
 
@@ -158,13 +161,13 @@ class Sched:
         if task.in_user:
             return []
         if task.kind is TaskKind.IDLE:
-            return task.base if self.idle_running(task) else task.base + self._syms(IDLE_REST_FRAMES)
+            return task.base if self.idle_running(task) else task.base + self._idle_rest
         act = task.activity
         if act is None:
-            return task.base + self._syms(REST_FRAMES)
+            return task.base + self._rest
         frames = task.base + [act.impl]
         if act.state != TASK_RUNNING:
-            frames += self._syms(SLEEP_FRAMES[act.state])
+            frames += self._sleep[act.state]
         return frames
 
     def stack_trace_reliable(self, task: Task, max_entries: int) -> list[int] | None:
