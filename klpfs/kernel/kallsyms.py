@@ -16,13 +16,16 @@ MODULES_TEXT = 0xFFFFFFFFC0000000
 MODULE_SPAN = 0x100000
 FUNC_ALIGN = 16
 
-Body = Callable[["object"], str]
-"""What calling the function produces, given the calling task."""
+Body = Callable[[object, "int | None"], str]
+"""What calling the function does: body(task, arg) -> the text it produces.
+
+arg stands for the function's argument: the address of the object it works on.
+"""
 
 
 def const_body(text: str) -> Body:
     """A body that always produces the same text."""
-    return lambda task: text
+    return lambda task, arg: text
 
 
 @dataclass(eq=False, slots=True)

@@ -41,6 +41,7 @@ class Kernel:
         self.ftrace = Ftrace(self._ftrace_location)
         self.sched = Sched(self.timers, self.kallsyms, self.resolve, self.image.nr_cpus)
         self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages)
+        self._heap = 0xFFFF888000000000
         self._boot_tasks()
 
     def printk(self, level: int, text: str) -> None:
@@ -59,10 +60,15 @@ class Kernel:
         impl = self.kallsyms.lookup(ip)
         return impl if impl is not None else func
 
-    def call(self, func: KSym, task: Task) -> CallResult:
+    def call(self, func: KSym, task: Task, arg: int | None = None) -> CallResult:
         """Run func as task, through any redirection, and return what it produced."""
         impl = self.resolve(func, task)
-        return CallResult(func, impl, impl.body(task))
+        return CallResult(func, impl, impl.body(task, arg))
+
+    def kmalloc(self) -> int:
+        """A fresh object address, for module code that allocates structures."""
+        self._heap += 0x40
+        return self._heap
 
     @property
     def console(self) -> Task:

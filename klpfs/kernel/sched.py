@@ -47,16 +47,19 @@ class TaskKind(enum.Enum):
 
 
 class Activity:
-    """What the task is doing beyond resting: inside `func` (sleeping or running)."""
+    """What the task is doing beyond resting: inside `impl` (called as `func`),
+    sleeping or running; `on_wake` is the rest of the function's body."""
 
-    __slots__ = ("func", "impl", "state", "wake_at", "timer")
+    __slots__ = ("func", "impl", "state", "wake_at", "timer", "on_wake")
 
-    def __init__(self, func: KSym, impl: KSym, state: str, wake_at: float | None):
+    def __init__(self, func: KSym, impl: KSym, state: str, wake_at: float | None,
+                 on_wake: Callable[[], None] | None):
         self.func = func
         self.impl = impl
         self.state = state
         self.wake_at = wake_at
         self.timer: Timer | None = None
+        self.on_wake = on_wake
 
 
 class Task:
@@ -206,19 +209,32 @@ class Sched:
     def enter(self, task: Task, func: KSym, state: str, seconds: float | None = None) -> KSym:
         """The task calls func (through ftrace) and sleeps there, or runs there.
 
-        A user task busy in user mode enters the kernel to do so.  Returns the
-        implementation it entered.
+        Returns the implementation it entered.
+        """
+        impl = self._resolve(func, task)
+        self.sleep_in(task, func, impl, state, seconds)
+        return impl
+
+    def sleep_in(self, task: Task, func: KSym, impl: KSym, state: str, seconds: float | None = None,
+                 on_wake: Callable[[], None] | None = None) -> None:
+        """The task, already inside impl, sleeps (or spins) there.
+
+        A user task busy in user mode enters the kernel to do so.  When the
+        sleep ends, on_wake runs (the rest of the function) before the task
+        returns from it.
         """
         self._end_activity(task)
-        impl = self._resolve(func, task)
-        act = Activity(func, impl, state, None if seconds is None else self._timers.now() + seconds)
+        act = Activity(func, impl, state, None if seconds is None else self._timers.now() + seconds, on_wake)
         if act.wake_at is not None:
             act.timer = self._timers.call_at(act.wake_at, lambda: self.wake(task))
         task.activity = act
-        old_cpu = task.cpu
         task.state = state
-        self._cpu_changed(old_cpu)
-        return impl
+        self._cpu_changed(task.cpu)
+
+    def tasks_in(self, syms: list[KSym]) -> list[Task]:
+        """Tasks whose stack holds one of these functions (a module's code, say)."""
+        ids = {id(sym) for sym in syms}
+        return [t for t in self.tasks.values() if t.activity is not None and id(t.activity.impl) in ids]
 
     def run(self, task: Task) -> None:
         """Make the task busy: a user task in user mode, a kthread in its resting code."""
@@ -239,9 +255,14 @@ class Sched:
         A user task then goes back out to user space (a switch point) before it
         rests again; a kthread just rests again.
         """
-        if task.exited or task.activity is None:
+        act = task.activity
+        if task.exited or act is None:
             return
         self._end_activity(task)
+        if act.on_wake is not None:
+            act.on_wake()
+            if task.activity is not None:
+                return
         if task.kind is TaskKind.USER:
             self._return_to_user(task)
         task.state = TASK_INTERRUPTIBLE
@@ -261,7 +282,8 @@ class Sched:
             self._return_to_user(task)
             if act is not None:
                 remaining = None if act.wake_at is None else max(0.0, act.wake_at - self._timers.now())
-                self.enter(task, act.func, act.state, remaining)
+                self._end_activity(task)
+                self.sleep_in(task, act.func, self._resolve(act.func, task), act.state, remaining, act.on_wake)
         elif task.state == TASK_RUNNING:
             self._arm_tick(task)
 

@@ -21,6 +21,7 @@ from klpfs.kernel.timers import DelayedWork
 from klpfs.livepatch.callbacks import (
     klp_post_patch_callback, klp_post_unpatch_callback, klp_pre_patch_callback, klp_pre_unpatch_callback)
 from klpfs.livepatch.patch import klp_patch_object, klp_unpatch_object
+from klpfs.livepatch.shadow import KlpShadow
 from klpfs.livepatch.structs import (
     KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch, klp_is_module,
     klp_is_object_loaded)
@@ -52,6 +53,7 @@ class Livepatch:
         self.klp_transition_patch: KlpPatch | None = None
         self.klp_target_state = KLP_UNDEFINED
         self.klp_forced = False
+        self.shadow = KlpShadow(kernel)
         self.klp_transition_work = DelayedWork(kernel.timers, lambda: klp_transition_work_fn(self))
         # klp_init: /sys/kernel/livepatch, then the places the kernel calls us.
         self.klp_root_kobj = kernfs.create_dir(kernel_kobj, "livepatch")

@@ -1,8 +1,9 @@
 """A livepatch module's code: build its klp_patch and register/enable it from
 init, as the kernel's samples do for the running profile (spec §4.6).
 
-Module files (TOML) and tests describe a patch module with these specs; each
-load builds fresh structures, as a freshly loaded .ko has fresh static data.
+Tests describe a patch module with PatchModuleSpec and Python callables;
+module files build the same structures through these functions.  Each load
+builds fresh structures, as a freshly loaded .ko has fresh static data.
 """
 
 from __future__ import annotations
@@ -42,54 +43,53 @@ class ObjectSpec:
     callbacks: dict[str, Callback] = field(default_factory=dict)
 
 
+def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool) -> KlpPatch:
+    """The module's static klp_patch, with new_func pointing at its own functions."""
+    syms = {sym.name: sym for sym in mod.symbols}
+    klp_objs = []
+    for o in objs:
+        funcs = [KlpFunc(f.old_name, syms.get(f.new_func), f.old_sympos, f.immediate) for f in o.funcs]
+        callbacks = KlpCallbacks(**{name: _bind(cb, mod) for name, cb in o.callbacks.items()})
+        klp_objs.append(KlpObject(o.name, funcs, callbacks))
+    return KlpPatch(mod, klp_objs, immediate=immediate)
+
+
+def klp_sample_init(lp: Livepatch, mod: Module, patch: KlpPatch) -> int:
+    """The samples' module_init: register then enable; a failed enable unregisters."""
+    mod.data["patch"] = patch
+    if lp.profile.immediate and not lp.reliable_stacks and not patch.immediate:
+        lp.kernel.printk(KERN_NOTICE, f"{mod.name}: The consistency model isn't supported for your "
+                                      "architecture.  Bypassing safety mechanisms and applying the "
+                                      "patch immediately.")
+        patch.immediate = True
+    ret = lp.klp_register_patch(patch)
+    if ret:
+        return ret
+    ret = lp.klp_enable_patch(patch)
+    if ret:
+        lp.klp_unregister_patch(patch)
+    return ret
+
+
+def klp_sample_exit(lp: Livepatch, mod: Module) -> None:
+    """The samples' module_exit: unregister."""
+    lp.klp_unregister_patch(mod.data["patch"])
+
+
 @dataclass
 class PatchModuleSpec:
     name: str
     functions: list[FuncDef]
     objs: list[ObjectSpec]
     immediate: bool = False
-    params: dict[str, object] = field(default_factory=dict)
-    out_of_tree: bool = False
-    signed: bool = True
+    livepatch: bool = True
 
-    def build(self, lp: Livepatch, params: dict[str, object] | None = None) -> Module:
-        """A Module ready for the loader; `params` override the defaults (insmod k=v)."""
-        mod = Module(self.name, list(self.functions), livepatch=True, out_of_tree=self.out_of_tree,
-                     signed=self.signed, params={**self.params, **(params or {})})
-        mod.init = lambda m: self._init(lp, m)
-        mod.exit = lambda m: self._exit(lp, m)
+    def build(self, lp: Livepatch) -> Module:
+        """A Module ready for the loader."""
+        mod = Module(self.name, list(self.functions), livepatch=self.livepatch)
+        mod.init = lambda m: klp_sample_init(lp, m, build_klp_patch(m, self.objs, self.immediate))
+        mod.exit = lambda m: klp_sample_exit(lp, m)
         return mod
-
-    def _make_patch(self, mod: Module) -> KlpPatch:
-        syms = {sym.name: sym for sym in mod.symbols}
-        objs = []
-        for o in self.objs:
-            funcs = [KlpFunc(f.old_name, syms.get(f.new_func), f.old_sympos, f.immediate) for f in o.funcs]
-            obj = KlpObject(o.name, funcs)
-            obj.callbacks = KlpCallbacks(**{
-                name: _bind(cb, mod) for name, cb in o.callbacks.items()})
-            objs.append(obj)
-        return KlpPatch(mod, objs, immediate=self.immediate)
-
-    def _init(self, lp: Livepatch, mod: Module) -> int:
-        patch = self._make_patch(mod)
-        mod.data["patch"] = patch
-        if lp.profile.immediate and not lp.reliable_stacks and not patch.immediate:
-            lp.kernel.printk(KERN_NOTICE, f"{mod.name}: The consistency model isn't supported for your "
-                                          "architecture.  Bypassing safety mechanisms and applying the "
-                                          "patch immediately.")
-            patch.immediate = True
-        ret = lp.klp_register_patch(patch)
-        if ret:
-            return ret
-        ret = lp.klp_enable_patch(patch)
-        if ret:
-            lp.klp_unregister_patch(patch)
-            return ret
-        return 0
-
-    def _exit(self, lp: Livepatch, mod: Module) -> None:
-        lp.klp_unregister_patch(mod.data["patch"])
 
 
 def _bind(cb: Callback, mod: Module) -> Callable[[KlpObject], int]:
@@ -97,4 +97,3 @@ def _bind(cb: Callback, mod: Module) -> Callable[[KlpObject], int]:
         ret = cb(mod, obj)
         return 0 if ret is None else ret
     return call
-

@@ -1,0 +1,200 @@
+"""Module code as data: the steps a module's functions, callbacks, init and
+exit perform, and the interpreter that runs them in the emulated kernel.
+
+A step list is what a module file writes in place of C.  It is deliberately
+small: print a line, produce output, sleep inside the function, allocate a
+structure with a lifetime, call another function (through ftrace, so a
+patch can replace it), walk expired structures, and use shadow variables.
+Strings are format templates over the module's parameters and a few names
+the running code knows ({__func__}, {obj}, {data}, {target}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+from klpfs.kernel.printk import KERN_INFO
+from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE
+from klpfs.livepatch.shadow import hashed_pointer
+
+if TYPE_CHECKING:
+    from klpfs.kernel.kallsyms import Body, KSym
+    from klpfs.kernel.kernel import Kernel
+    from klpfs.kernel.module import Module
+    from klpfs.kernel.sched import Task
+    from klpfs.livepatch.shadow import KlpShadow
+
+Value = Union[int, float, str]
+"""A number, or a "{param}" reference to one of the module's parameters."""
+
+CONTEXT_NAMES = ("__func__", "obj", "data", "target")
+"""Names a template may use besides the module's parameters."""
+
+
+@dataclass(frozen=True)
+class Log:
+    fmt: str
+    level: int = KERN_INFO
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: Value | None
+    """None: until woken (`klpfs task wake`)."""
+    state: str = TASK_UNINTERRUPTIBLE
+
+
+@dataclass(frozen=True)
+class New:
+    """Allocate a structure, keep it on a named list until it expires, make it {obj}."""
+    list: str
+    expires: Value
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+
+
+@dataclass(frozen=True)
+class ForEachExpired:
+    list: str
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class ShadowAlloc:
+    id: int
+    or_get: bool = False
+    """klp_shadow_get_or_alloc rather than klp_shadow_alloc."""
+
+
+@dataclass(frozen=True)
+class ShadowFree:
+    id: int
+    all: bool = False
+    dtor_log: str | None = None
+
+
+@dataclass(frozen=True)
+class IfShadow:
+    id: int
+    then: tuple[Step, ...] = ()
+    otherwise: tuple[Step, ...] = ()
+
+
+Step = Union[Log, Output, Sleep, New, Call, ForEachExpired, ShadowAlloc, ShadowFree, IfShadow]
+
+
+@dataclass
+class Frame:
+    """One running piece of module code."""
+
+    func: str
+    task: Task | None = None
+    called: KSym | None = None
+    impl: KSym | None = None
+    obj: int | None = None
+    target: str = ""
+
+
+@dataclass
+class ModuleCode:
+    """A loaded module's code: runs its step lists with its parameters and state."""
+
+    kernel: Kernel
+    shadow: KlpShadow
+    module: Module
+    lists: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def value(self, v: Value) -> float:
+        if isinstance(v, str):
+            return float(self.module.params[v.strip("{}")])  # type: ignore[arg-type]
+        return float(v)
+
+    def format(self, fmt: str, frame: Frame, data: object = None) -> str:
+        names: dict[str, object] = dict(self.module.params)
+        names.update(__func__=frame.func, target=frame.target,
+                     obj=hashed_pointer(frame.obj or 0),
+                     data=hashed_pointer(data) if isinstance(data, int) else data)
+        return fmt.format_map(names)
+
+    def body(self, name: str, steps: tuple[Step, ...]) -> Body:
+        """The body of function `name`: run its steps as the calling task."""
+        def run(task: object, arg: int | None) -> str:
+            impl = next((s for s in self.module.symbols if s.name == name), None)
+            return self.run(steps, Frame(name, task, impl, impl, arg))  # type: ignore[arg-type]
+        return run
+
+    def run(self, steps: tuple[Step, ...], frame: Frame, start: int = 0) -> str:
+        """Run steps[start:]; a Sleep suspends the rest until the task wakes."""
+        out: list[str] = []
+        kernel = self.kernel
+        for i in range(start, len(steps)):
+            step = steps[i]
+            if isinstance(step, Log):
+                kernel.printk(step.level, f"{self.module.name}: {self.format(step.fmt, frame)}")
+            elif isinstance(step, Output):
+                out.append(self.format(step.text, frame))
+            elif isinstance(step, Sleep):
+                assert frame.task is not None and frame.impl is not None and frame.called is not None
+                seconds = None if step.seconds is None else self.value(step.seconds)
+                kernel.sched.sleep_in(frame.task, frame.called, frame.impl, step.state, seconds,
+                                      lambda i=i: self._resume(steps, frame, i + 1))
+                break
+            elif isinstance(step, New):
+                frame.obj = kernel.kmalloc()
+                self.lists.setdefault(step.list, []).append((frame.obj, kernel.now() + self.value(step.expires)))
+            elif isinstance(step, Call):
+                out.append(self.call(step.func, frame))
+            elif isinstance(step, ForEachExpired):
+                now = kernel.now()
+                items = self.lists.get(step.list, [])
+                expired = [obj for obj, when in items if when <= now]
+                self.lists[step.list] = [(obj, when) for obj, when in items if when > now]
+                for obj in expired:
+                    out.append(self.run(step.steps, Frame(frame.func, frame.task, frame.called, frame.impl, obj)))
+            elif isinstance(step, ShadowAlloc):
+                self._shadow_alloc(step, frame)
+            elif isinstance(step, ShadowFree):
+                self._shadow_free(step, frame)
+            elif isinstance(step, IfShadow):
+                found = self.shadow.klp_shadow_get(frame.obj or 0, step.id) is not None
+                out.append(self.run(step.then if found else step.otherwise, frame))
+        return "".join(out)
+
+    def _resume(self, steps: tuple[Step, ...], frame: Frame, start: int) -> None:
+        self.run(steps, frame, start)
+
+    def call(self, name: str, frame: Frame) -> str:
+        """Call a function by name through the ftrace path: this module's own first."""
+        kernel = self.kernel
+        sym = next((s for s in self.module.symbols if s.name == name), None) or kernel.kallsyms.find_any(name)
+        if sym is None:
+            return ""
+        task = frame.task if frame.task is not None else kernel.console
+        return kernel.call(sym, task, frame.obj).output
+
+    def _shadow_alloc(self, step: ShadowAlloc, frame: Frame) -> None:
+        alloc = self.shadow.klp_shadow_get_or_alloc if step.or_get else self.shadow.klp_shadow_alloc
+        alloc(frame.obj or 0, step.id, self.kernel.kmalloc())
+
+    def _shadow_free(self, step: ShadowFree, frame: Frame) -> None:
+        dtor: Callable[[int, object], None] | None = None
+        if step.dtor_log is not None:
+            fmt = step.dtor_log
+
+            def dtor(obj: int, data: object) -> None:
+                line = self.format(fmt, Frame(frame.func, obj=obj), data)
+                self.kernel.printk(KERN_INFO, f"{self.module.name}: {line}")
+        if step.all:
+            self.shadow.klp_shadow_free_all(step.id, dtor)
+        else:
+            self.shadow.klp_shadow_free(frame.obj or 0, step.id, dtor)
