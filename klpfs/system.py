@@ -10,6 +10,7 @@ from __future__ import annotations
 from klpfs.fs.procfs import ProcFs
 from klpfs.kernel.kernel import Kernel
 from klpfs.livepatch.core import Livepatch
+from klpfs.modules.program import Structures
 from klpfs.profiles import get_profile
 from klpfs.sysfs.kernfs import Kernfs
 from klpfs.sysfs.module import ModuleSysfs
@@ -28,6 +29,8 @@ class System:
         self.livepatch = Livepatch(self.kernel, self.profile, self.kernfs, kernel_kobj, reliable_stacks)
         self.module_sysfs = ModuleSysfs(self.kernfs, self.kernfs.create_dir(sys_dir, "module"),
                                         self.kernel.modules)
+        self.structures = Structures()
+        """What loaded module code allocates (module files' `new`/`for_each`)."""
         self.procfs = ProcFs(self.kernfs, self.kernfs.create_dir(root, "proc", 0o555), self.kernel)
 
     async def run(self) -> None:

@@ -29,8 +29,16 @@ if TYPE_CHECKING:
 Value = Union[int, float, str]
 """A number, or a "{param}" reference to one of the module's parameters."""
 
-CONTEXT_NAMES = ("__func__", "obj", "data", "target")
+CONTEXT_NAMES = ("__func__", "obj", "data", "target", "jiffies", "expires")
 """Names a template may use besides the module's parameters."""
+
+HZ = 250
+INITIAL_JIFFIES = (1 << 32) - 300 * HZ
+"""jiffies start five minutes before wrapping, as in the kernel."""
+
+
+def jiffies(seconds: float) -> int:
+    return INITIAL_JIFFIES + int(seconds * HZ)
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,10 @@ class Call:
 
 
 @dataclass(frozen=True)
-class ForEachExpired:
+class ForEach:
+    """Take structures off a list (only the expired ones, or all) and run steps on each as {obj}."""
     list: str
+    expired_only: bool
     steps: tuple[Step, ...]
 
 
@@ -90,7 +100,7 @@ class IfShadow:
     otherwise: tuple[Step, ...] = ()
 
 
-Step = Union[Log, Output, Sleep, New, Call, ForEachExpired, ShadowAlloc, ShadowFree, IfShadow]
+Step = Union[Log, Output, Sleep, New, Call, ForEach, ShadowAlloc, ShadowFree, IfShadow]
 
 
 @dataclass
@@ -106,13 +116,23 @@ class Frame:
 
 
 @dataclass
+class Structures:
+    """What module code allocates: structures with expiry times on named lists
+    (stand-ins for list_heads).  Shared by every module, as kernel memory is,
+    so a patch's replacement function can put a structure on the target's list."""
+
+    expires: dict[int, float] = field(default_factory=dict)
+    lists: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
 class ModuleCode:
-    """A loaded module's code: runs its step lists with its parameters and state."""
+    """A loaded module's code: runs its step lists with its parameters."""
 
     kernel: Kernel
     shadow: KlpShadow
+    structures: Structures
     module: Module
-    lists: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def value(self, v: Value) -> float:
         if isinstance(v, str):
@@ -121,9 +141,11 @@ class ModuleCode:
 
     def format(self, fmt: str, frame: Frame, data: object = None) -> str:
         names: dict[str, object] = dict(self.module.params)
+        expires = self.structures.expires.get(frame.obj or 0, 0.0)
         names.update(__func__=frame.func, target=frame.target,
                      obj=hashed_pointer(frame.obj or 0),
-                     data=hashed_pointer(data) if isinstance(data, int) else data)
+                     data=hashed_pointer(data) if isinstance(data, int) else data,
+                     jiffies=f"{jiffies(self.kernel.now()):x}", expires=f"{jiffies(expires):x}")
         return fmt.format_map(names)
 
     def body(self, name: str, steps: tuple[Step, ...]) -> Body:
@@ -151,16 +173,12 @@ class ModuleCode:
                 break
             elif isinstance(step, New):
                 frame.obj = kernel.kmalloc()
-                self.lists.setdefault(step.list, []).append((frame.obj, kernel.now() + self.value(step.expires)))
+                self.structures.expires[frame.obj] = kernel.now() + self.value(step.expires)
+                self.structures.lists.setdefault(step.list, []).append(frame.obj)
             elif isinstance(step, Call):
                 out.append(self.call(step.func, frame))
-            elif isinstance(step, ForEachExpired):
-                now = kernel.now()
-                items = self.lists.get(step.list, [])
-                expired = [obj for obj, when in items if when <= now]
-                self.lists[step.list] = [(obj, when) for obj, when in items if when > now]
-                for obj in expired:
-                    out.append(self.run(step.steps, Frame(frame.func, frame.task, frame.called, frame.impl, obj)))
+            elif isinstance(step, ForEach):
+                out.append(self._for_each(step, frame))
             elif isinstance(step, ShadowAlloc):
                 self._shadow_alloc(step, frame)
             elif isinstance(step, ShadowFree):
@@ -168,6 +186,17 @@ class ModuleCode:
             elif isinstance(step, IfShadow):
                 found = self.shadow.klp_shadow_get(frame.obj or 0, step.id) is not None
                 out.append(self.run(step.then if found else step.otherwise, frame))
+        return "".join(out)
+
+    def _for_each(self, step: ForEach, frame: Frame) -> str:
+        now = self.kernel.now()
+        expires = self.structures.expires
+        items = self.structures.lists.get(step.list, [])
+        taken = [obj for obj in items if not step.expired_only or expires[obj] < now]
+        self.structures.lists[step.list] = [obj for obj in items if obj not in taken]
+        out = [self.run(step.steps, Frame(frame.func, frame.task, frame.called, frame.impl, obj)) for obj in taken]
+        for obj in taken:
+            expires.pop(obj, None)
         return "".join(out)
 
     def _resume(self, steps: tuple[Step, ...], frame: Frame, start: int) -> None:
