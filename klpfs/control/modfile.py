@@ -117,11 +117,19 @@ def module_name_from_path(path: Path) -> str:
 def load_module_file(path: str | Path) -> ModuleFile:
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ModuleFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ModuleFileError(f"{path}: cannot read: {e}") from None
+    return parse_module_file(path, text)
+
+
+def parse_module_file(path: str | Path, text: str) -> ModuleFile:
+    """Parse and validate a module file's text; `path` names it in errors and gives its default name."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ModuleFileError(f"{path}: not valid TOML: {e}") from None
     return _Parser(path).parse(raw)

@@ -1,0 +1,218 @@
+"""What the control commands do to a running System, with kernel-style results.
+
+Every operation returns a JSON-able dict: {"ok": true, ...} or
+{"ok": false, "errno": N, "error": "..."}.  Kept apart from the socket so
+tests can drive it directly under a mock clock.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+from collections.abc import Awaitable
+from typing import Any
+
+import trio
+
+from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
+from klpfs.control.modload import apply_params, build_module
+from klpfs.control.samples import module_stem
+from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
+from klpfs.kernel.sched import (
+    IDLE_REST_FRAMES, REST_FRAMES, SLEEP_FRAMES, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
+from klpfs.kernel.timers import TICK
+from klpfs.system import System
+
+Reply = dict[str, Any]
+USER_BASE = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_nanosleep", "hrtimer_nanosleep",
+             "do_nanosleep")
+KTHREAD_BASE = ("ret_from_fork", "kthread")
+SCHED_FRAMES = {*REST_FRAMES, *IDLE_REST_FRAMES, *(f for frames in SLEEP_FRAMES.values() for f in frames)}
+
+
+def ok(**fields: Any) -> Reply:
+    return {"ok": True, **fields}
+
+
+def fail(err: int, message: str = "", **fields: Any) -> Reply:
+    return {"ok": False, "errno": err, "error": message or os.strerror(err), **fields}
+
+
+class Failure(Exception):
+    """An operation refused, carrying its reply."""
+
+    def __init__(self, err: int, message: str = "", **fields: Any):
+        super().__init__(message or os.strerror(err))
+        self.reply = fail(err, message, **fields)
+
+
+def record_dict(record: LogRecord) -> Reply:
+    return {"seq": record.seq, "level": LEVEL_NAMES[record.level], "time": record.timestamp, "text": record.text}
+
+
+class Control:
+    def __init__(self, system: System):
+        self.system = system
+        self.kernel = system.kernel
+
+    # -- modules ------------------------------------------------------------------
+
+    def insmod(self, path: str, text: str, params: list[str]) -> Reply:
+        try:
+            mf = parse_module_file(path, text)
+            self._check_profile(mf)
+        except ModuleFileError as e:
+            return fail(errno.ENOEXEC, str(e), file_error=True)
+        values = apply_params(mf, params, self.system)
+        if isinstance(values, int):
+            return fail(-values)
+        ret = self.kernel.modules.load_module(build_module(mf, self.system, values))
+        return fail(-ret) if ret else ok(name=mf.name)
+
+    def _check_profile(self, mf: ModuleFile) -> None:
+        """Fields that do not exist in the running kernel's structures."""
+        profile = self.system.profile
+        where = f"{mf.path}: patch"
+        if mf.replace:
+            raise ModuleFileError(f"{where}.replace: atomic replace needs kernel 5.1 or later "
+                                  f"(this is {profile.version})")
+        immediate = mf.immediate or any(f.immediate for o in mf.objs or () for f in o.funcs)
+        if immediate and not profile.immediate:
+            raise ModuleFileError(f"{where}: immediate was removed in 4.16 (this is {profile.version})")
+
+    async def rmmod(self, name: str) -> Reply:
+        name = module_stem(name)
+        modules = self.kernel.modules
+        mod = modules.find_module(name)
+        if mod is None:
+            return fail(errno.ENOENT, not_loaded=True, name=name)
+        if mod.refcnt:
+            return fail(errno.EWOULDBLOCK, in_use=True, name=name)
+        # The module's exit stops its kthreads and waits for its work
+        # (kthread_stop, cancel_delayed_work_sync): nobody may still be in its code.
+        sched = self.kernel.sched
+        for task in mod.data.get("kthreads", []):
+            if task.state == TASK_INTERRUPTIBLE:
+                sched.wake(task)
+        while sched.tasks_in(mod.symbols):
+            await trio.sleep(TICK)
+        ret = modules.delete_module(name)
+        return fail(-ret, name=name) if ret else ok(name=name)
+
+    def lsmod(self) -> Reply:
+        mods = [{"name": m.name, "size": sum(s.size for s in m.symbols), "refcnt": m.refcnt}
+                for m in reversed(self.kernel.modules.modules.values())]
+        return ok(modules=mods)
+
+    # -- the log ----------------------------------------------------------------------
+
+    def dmesg(self) -> Reply:
+        return ok(records=[record_dict(r) for r in self.kernel.log.records])
+
+    def debug(self, enable: bool | None) -> Reply:
+        if enable is not None:
+            self.kernel.log.debug_enabled = enable
+        return ok(enabled=self.kernel.log.debug_enabled)
+
+    # -- tasks ------------------------------------------------------------------------
+
+    def _task(self, pid: int) -> Task:
+        task = self.kernel.sched.find(pid)
+        if task is None:
+            raise Failure(errno.ESRCH, f"no such task: {pid}")
+        return task
+
+    def _func(self, name: str):
+        sym = self.kernel.kallsyms.find_any(name)
+        if sym is None:
+            raise Failure(errno.ENOENT, f"no function {name!r} in the kernel or its modules")
+        return sym
+
+    def task_info(self, task: Task) -> Reply:
+        frames = self.kernel.sched.stack(task)
+        inner = next((s for s in reversed(frames) if s.name not in SCHED_FRAMES), None)
+        where = "" if inner is None else inner.name + (f" [{inner.module}]" if inner.module else "")
+        state = "R" if self.kernel.sched.task_curr(task) else task.state
+        return {"pid": task.pid, "comm": task.comm, "kind": task.kind.value, "state": state,
+                "patch_state": task.patch_state, "where": where}
+
+    def ps(self) -> Reply:
+        sched = self.kernel.sched
+        return ok(tasks=[self.task_info(t) for t in (*sched.idle_tasks, *sched.tasks.values())])
+
+    def task_add(self, comm: str, kind: str, ppid: int | None) -> Reply:
+        if not 0 < len(comm) < 16:
+            return fail(errno.EINVAL, "a task name (comm) has 1 to 15 characters")
+        task_kind = TaskKind.KTHREAD if kind == "kthread" else TaskKind.USER
+        if ppid is None:
+            ppid = 2 if task_kind is TaskKind.KTHREAD else self.kernel.console.pid
+        elif self.kernel.sched.find(ppid) is None:
+            return fail(errno.ESRCH, f"no such parent task: {ppid}")
+        names = KTHREAD_BASE if task_kind is TaskKind.KTHREAD else USER_BASE
+        base = [sym for n in names if (sym := self.kernel.kallsyms.find(n)) is not None]
+        task = self.kernel.sched.add(comm, task_kind, base, ppid=ppid)
+        return ok(task=self.task_info(task))
+
+    def task_sleep(self, pid: int, func: str, seconds: float | None, interruptible: bool) -> Reply:
+        task = self._task(pid)
+        if task.kind is TaskKind.IDLE:
+            raise Failure(errno.EINVAL, "idle tasks only idle")
+        sym = self._func(func)
+        if seconds is not None and seconds < 0:
+            return fail(errno.EINVAL, "seconds must not be negative")
+        state = TASK_INTERRUPTIBLE if interruptible else TASK_UNINTERRUPTIBLE
+        impl = self.kernel.sched.enter(task, sym, state, seconds)
+        return ok(task=self.task_info(task), impl=impl.name, impl_module=impl.module)
+
+    def task_wake(self, pid: int) -> Reply:
+        task = self._task(pid)
+        if task.activity is None:
+            return fail(errno.EINVAL, f"task {pid} is not inside a function (nothing to wake from)")
+        self.kernel.sched.wake(task)
+        return ok(task=self.task_info(task))
+
+    def task_run(self, pid: int) -> Reply:
+        task = self._task(pid)
+        self.kernel.sched.run(task)
+        return ok(task=self.task_info(task))
+
+    def task_exit(self, pid: int) -> Reply:
+        task = self._task(pid)
+        if pid in (1, 2):
+            return fail(errno.EPERM, f"task {pid} ({task.comm}) cannot exit")
+        self.kernel.sched.exit(task)
+        return ok()
+
+    def call(self, func: str, pid: int | None) -> Reply:
+        kernel = self.kernel
+        task = kernel.console if pid is None else self._task(pid)
+        result = kernel.call(self._func(func), task)
+        return ok(task=self.task_info(task), impl=result.impl.name, impl_module=result.impl.module,
+                  output=result.output)
+
+    def status(self) -> Reply:
+        return ok(kernel=self.system.profile.version, release=self.system.profile.release)
+
+    async def handle(self, request: dict[str, Any]) -> Reply:
+        """Run one request ({"cmd": name, ...arguments}); refusals become error replies."""
+        cmd = request.get("cmd")
+        handler = getattr(self, str(cmd), None) if cmd in COMMANDS else None
+        if handler is None:
+            return fail(errno.EINVAL, f"unknown command {cmd!r}")
+        args = {k: v for k, v in request.items() if k != "cmd"}
+        try:
+            inspect.signature(handler).bind(**args)
+        except TypeError as e:
+            return fail(errno.EINVAL, f"bad arguments for {cmd}: {e}")
+        try:
+            reply = handler(**args)
+            if isinstance(reply, Awaitable):
+                reply = await reply
+        except Failure as f:
+            return f.reply
+        return reply
+
+
+COMMANDS = {"insmod", "rmmod", "lsmod", "dmesg", "debug", "ps", "task_add", "task_sleep", "task_wake",
+            "task_run", "task_exit", "call", "status"}

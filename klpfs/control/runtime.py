@@ -1,0 +1,111 @@
+"""Where a running daemon's control socket lives, and how a client finds it.
+
+Each daemon puts a socket and a small JSON record, named after a hash of its
+mountpoint, in a directory only its owner can enter.  A client finds the
+daemon from the mountpoint it names, or takes the only one running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    """/run/klpfs for root, $XDG_RUNTIME_DIR/klpfs or /tmp/klpfs-UID for others."""
+    if os.geteuid() == 0:
+        return Path("/run/klpfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "klpfs" if xdg else Path(f"/tmp/klpfs-{os.geteuid()}")
+
+
+def _key(mountpoint: str | Path) -> str:
+    return hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+
+
+def socket_path(mountpoint: str | Path) -> Path:
+    return runtime_dir() / f"{_key(mountpoint)}.sock"
+
+
+def record_path(mountpoint: str | Path) -> Path:
+    return runtime_dir() / f"{_key(mountpoint)}.json"
+
+
+@dataclass(frozen=True)
+class DaemonRecord:
+    mountpoint: str
+    pid: int
+    kernel: str
+    socket: str
+
+
+def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
+    """Announce this process as the daemon of mountpoint (the directory is made 0700)."""
+    directory = runtime_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    record = DaemonRecord(os.path.realpath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)))
+    path = record_path(mountpoint)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record.__dict__))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return record
+
+
+def remove_record(mountpoint: str | Path) -> None:
+    for path in (record_path(mountpoint), socket_path(mountpoint)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_daemons() -> list[DaemonRecord]:
+    """Every daemon whose record is here and whose process is alive."""
+    records = []
+    directory = runtime_dir()
+    if not directory.is_dir():
+        return []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = DaemonRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _alive(record.pid):
+            records.append(record)
+    return records
+
+
+class NoDaemon(Exception):
+    """No daemon could be chosen; the message says why and what to do."""
+
+
+def find_daemon(mountpoint: str | None) -> DaemonRecord:
+    """The daemon serving mountpoint, or the only one running when none is named."""
+    daemons = running_daemons()
+    if mountpoint is not None:
+        want = os.path.realpath(mountpoint)
+        for record in daemons:
+            if record.mountpoint == want:
+                return record
+        raise NoDaemon(f"no klpfs daemon is serving {mountpoint} (start one with: klpfs mount {mountpoint})")
+    if len(daemons) == 1:
+        return daemons[0]
+    if not daemons:
+        raise NoDaemon("no klpfs daemon is running (start one with: klpfs mount MNT)")
+    mounts = ", ".join(d.mountpoint for d in daemons)
+    raise NoDaemon(f"several klpfs daemons are running ({mounts}); name one with --mount MNT")
