@@ -160,6 +160,11 @@ class Kernfs:
         return 0
 
     @staticmethod
+    def chmod(node: KernfsNode, mode: int) -> None:
+        """Set the permission bits, as kernfs_setattr does; open_check obeys them."""
+        node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
+
+    @staticmethod
     def read(node: KernfsNode, offset: int, size: int) -> bytes | int:
         """Bytes at offset of a fresh show(), or -ENODEV for a removed node."""
         if not node.active:

@@ -1,0 +1,352 @@
+"""A Kernfs tree as a FUSE file system, with sysfs's rules for real syscalls.
+
+What a process sees must be what it would see under /sys:
+
+* attributes report size 4096, directories size 0 and 2 + subdirectories
+  links, everything belongs to root, timestamps are the node's creation time;
+* opening an attribute applies Kernfs.open_check for the access mode, so a
+  0444 file cannot be opened for writing and a 0200 one not for reading,
+  even by root (ordinary permission checks are the kernel's, through the
+  ``default_permissions`` mount option);
+* every open file is direct I/O: a read always reaches the show callback, so
+  a value changed in the background is read at once, never from page cache;
+  like seq_file, a read at offset 0 runs show() and later reads continue
+  from that snapshot;
+* a handle opened before its node was removed answers ENODEV;
+* chmod, chown, utime and truncate are accepted as sysfs accepts them
+  (a truncate changes nothing); creating anything is refused as sysfs does.
+
+The kernel may cache entries and attributes for a day: `Invalidator` pushes
+every removal to it, and a stat of a removed inode answers ESTALE, which
+makes the kernel walk the path again and get ENOENT.  Missing names are
+never cached (ENOENT, not a zero inode).
+
+Each handler turns an unexpected exception into a logged EIO, so a bug in a
+show or store callback fails one syscall and the mount stays up.  Handlers
+can be called directly, without FUSE (``ctx`` is unused and may be None).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import time
+
+import pyfuse3
+
+from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode
+
+from .invalidate import FuseNotifier, Invalidator
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 86400.0
+"""Seconds the kernel may trust an entry or attributes; removals are pushed."""
+
+_ACCESS = ((True, False), (False, True), (True, True), (False, False))
+"""(want_read, want_write) for each O_ACCMODE value; 3 means neither."""
+
+_DOT, _DOTDOT = 1, 2
+"""Directory offsets after "." and ".."; a child's is its inode number + 2."""
+
+
+def _bug(op: str, arg: object) -> pyfuse3.FUSEError:
+    """Log the exception being handled as a bug; the caller answers EIO."""
+    log.exception("%s(%r) failed", op, arg)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+class _Handle:
+    """An open file or directory.
+
+    ``data`` is, for a file, the bytes of the last show() (the seq_file
+    buffer); for a directory, the children listed since the last rewind,
+    in inode order, with their inode numbers for resuming.
+    """
+
+    __slots__ = ("node", "data", "inos")
+
+    def __init__(self, node: KernfsNode) -> None:
+        self.node = node
+        self.data: bytes | list[KernfsNode] | None = None
+        self.inos: list[int] = []
+
+
+class KernfsOperations(pyfuse3.Operations):
+    """Serves one Kernfs; registers itself as its listener (see `close`)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, kernfs: Kernfs, invalidator: Invalidator | None = None) -> None:
+        super().__init__()
+        self.kernfs = kernfs
+        self.invalidator = invalidator if invalidator is not None else Invalidator(FuseNotifier())
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 0
+        self._fileinfo = pyfuse3.FileInfo(direct_io=True, keep_cache=False)
+        self._statfs = pyfuse3.StatvfsData()
+        self._statfs.f_bsize = self._statfs.f_frsize = PAGE_SIZE
+        self._statfs.f_namemax = 255
+        kernfs.listeners.append(self)
+
+    def close(self) -> None:
+        """Stop following the tree."""
+        self.kernfs.listeners.remove(self)
+
+    # -- following the tree (called from inside engine operations) ----------
+
+    def node_added(self, node: KernfsNode) -> None:
+        try:
+            if node.is_dir and node.parent is not None:
+                self._subdirs_changed(node.parent, 1)
+        except Exception:
+            log.exception("following the addition of %r", node)
+
+    def node_removed(self, node: KernfsNode) -> None:
+        try:
+            self._attrs.pop(node.ino, None)
+            if node.is_dir and node.parent is not None:
+                self._subdirs_changed(node.parent, -1)
+            self.invalidator.node_removed(node)
+        except Exception:
+            log.exception("following the removal of %r", node)
+
+    def _subdirs_changed(self, parent: KernfsNode, delta: int) -> None:
+        attrs = self._attrs.get(parent.ino)
+        if attrs is not None:
+            attrs.st_nlink += delta
+        self.invalidator.nlink_changed(parent)
+
+    # -- inodes and their attributes ----------------------------------------
+
+    def _attr(self, node: KernfsNode) -> pyfuse3.EntryAttributes:
+        """The node's attributes; kept (and changed by setattr) while it lives."""
+        attrs = self._attrs.get(node.ino)
+        if attrs is not None:
+            return attrs
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.ino
+        attrs.st_mode = node.mode
+        attrs.entry_timeout = attrs.attr_timeout = CACHE_TIMEOUT
+        if node.children is not None:
+            attrs.st_nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
+            attrs.st_size = 0
+        else:
+            attrs.st_size = PAGE_SIZE
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = int(node.ctime * 1e9)
+        if node.active:
+            self._attrs[node.ino] = attrs
+        return attrs
+
+    def _inode(self, inode: int) -> KernfsNode:
+        """A live node, or a removed one still open (fstat works on it)."""
+        node = self.kernfs.get(inode)
+        if node is not None:
+            return node
+        for handle in self._handles.values():
+            if handle.node.ino == inode:
+                return handle.node
+        # The kernel still had the dentry cached: ESTALE makes it look again.
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def _open(self, node: KernfsNode) -> int:
+        self._next_fh += 1
+        self._handles[self._next_fh] = _Handle(node)
+        return self._next_fh
+
+    # -- handlers -------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: object) -> pyfuse3.EntryAttributes:
+        try:
+            parent = self.kernfs.get(parent_inode)
+            if parent is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self.kernfs.lookup(parent, name.decode("utf-8", "surrogateescape"))
+            if node is None:
+                if name == b".":
+                    node = parent
+                elif name == b"..":
+                    node = parent.parent or parent
+                else:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(node)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("lookup", (parent_inode, name)) from None
+
+    async def getattr(self, inode: int, ctx: object) -> pyfuse3.EntryAttributes:
+        try:
+            attrs = self._attrs.get(inode)
+            return attrs if attrs is not None else self._attr(self._inode(inode))
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("getattr", inode) from None
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: object) -> pyfuse3.EntryAttributes:
+        """kernfs_iop_setattr: mode, owner and times stick; a size is ignored."""
+        try:
+            handle = self._handles.get(fh) if fh is not None else None
+            node = handle.node if handle is not None else self._inode(inode)
+            attrs = self._attr(node)
+            if fields.update_mode:
+                self.kernfs.chmod(node, attr.st_mode)
+                attrs.st_mode = node.mode
+            if fields.update_uid:
+                attrs.st_uid = attr.st_uid
+            if fields.update_gid:
+                attrs.st_gid = attr.st_gid
+            if fields.update_atime:
+                attrs.st_atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                attrs.st_mtime_ns = attr.st_mtime_ns
+            if (fields.update_mode or fields.update_uid or fields.update_gid
+                    or fields.update_atime or fields.update_mtime):
+                attrs.st_ctime_ns = attr.st_ctime_ns if fields.update_ctime else time.time_ns()
+            return attrs
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("setattr", inode) from None
+
+    async def open(self, inode: int, flags: int, ctx: object) -> pyfuse3.FileInfo:
+        try:
+            node = self.kernfs.get(inode)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENODEV)  # removed after the lookup
+            want_read, want_write = _ACCESS[flags & os.O_ACCMODE]
+            err = Kernfs.open_check(node, want_read, want_write)
+            if err:
+                raise pyfuse3.FUSEError(-err)
+            fileinfo = self._fileinfo
+            fileinfo.fh = self._open(node)
+            return fileinfo
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("open", inode) from None
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            if self.invalidator.pending:
+                await self.invalidator.settle()
+            handle = self._handles[fh]
+            data = handle.data
+            if off == 0 or data is None:
+                data = Kernfs.read(handle.node, 0, PAGE_SIZE)
+                if isinstance(data, int):
+                    raise pyfuse3.FUSEError(-data)
+                handle.data = data
+            elif not handle.node.active:
+                raise pyfuse3.FUSEError(errno.ENODEV)
+            return data[off:off + size]  # type: ignore[index]
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("read", fh) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """sysfs ignores the offset: every write is a whole store."""
+        try:
+            result = Kernfs.write(self._handles[fh].node, buf)
+            if self.invalidator.pending:
+                await self.invalidator.settle()
+            if result < 0:
+                raise pyfuse3.FUSEError(-result)
+            return result
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("write", fh) from None
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def opendir(self, inode: int, ctx: object) -> int:
+        try:
+            node = self.kernfs.get(inode)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            if not node.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return self._open(node)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("opendir", inode) from None
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List ".", "..", then the children as of the last rewind, in inode order.
+
+        Offsets are inode numbers (never reused), so a child removed between
+        two calls is skipped and no other entry is lost or listed twice.
+        """
+        try:
+            handle = self._handles[fh]
+            node = handle.node
+            if start_id < _DOT and not pyfuse3.readdir_reply(token, b".", self._attr(node), _DOT):
+                return
+            if start_id < _DOTDOT and not pyfuse3.readdir_reply(
+                    token, b"..", self._attr(node.parent or node), _DOTDOT):
+                return
+            if start_id == 0 or handle.data is None:
+                children = list(node.children.values()) if node.children else []
+                handle.data = children
+                handle.inos = [child.ino for child in children]
+            listing = handle.data
+            assert isinstance(listing, list)
+            for i in range(bisect.bisect_right(handle.inos, start_id - _DOTDOT), len(listing)):
+                child = listing[i]
+                if child.active and not pyfuse3.readdir_reply(
+                        token, child.name.encode("utf-8", "surrogateescape"),
+                        self._attr(child), child.ino + _DOTDOT):
+                    return
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            raise _bug("readdir", fh) from None
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def statfs(self, ctx: object) -> pyfuse3.StatvfsData:
+        return self._statfs
+
+    # -- what sysfs refuses (vfs_create: EACCES; the other inode ops: EPERM) --
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: object) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: object) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: object) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: object) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: object) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: object) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: object) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: object) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
