@@ -1,0 +1,95 @@
+"""The ``klpfs`` command: one subcommand per verb, like the kernel tools it stands in for."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from klpfs.fs.mount import Machine, MountError, MountOptions, mount, unmount
+
+KERNEL_VERSIONS = ("4.15", "4.16")
+"""Kernel profiles the emulator implements; the first is the default."""
+
+MOUNT_EXAMPLES = """\
+examples:
+  klpfs mount /mnt/klp                     mount in the background (exit 0 once mounted)
+  klpfs mount -f /mnt/klp                  serve in the foreground; Ctrl-C unmounts
+  klpfs mount --kernel 4.16 /mnt/klp       emulate Linux 4.16 (signal and force attributes)
+  klpfs mount -o log=/tmp/klpfs.log /mnt/klp
+                                           keep the background daemon's log
+  cat /mnt/klp/sys/kernel/livepatch/*/enabled
+  klpfs umount /mnt/klp
+
+options (-o, comma separated, repeatable):
+  log=PATH   append the daemon's log to PATH (default: stderr with -f, nowhere otherwise)
+  anything else is passed to libfuse, after the defaults
+  fsname=klpfs,subtype=klpfs,default_permissions,allow_other,auto_unmount
+  (as a non-root user, allow_other needs user_allow_other in /etc/fuse.conf)
+"""
+
+
+def kernel_version(value: str) -> str:
+    """argparse type of --kernel: a kernel profile the emulator implements."""
+    if value not in KERNEL_VERSIONS:
+        raise argparse.ArgumentTypeError(
+            f"unsupported kernel version {value!r} (choose from {', '.join(KERNEL_VERSIONS)})")
+    return value
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        options = MountOptions.parse(args.options)
+    except MountError as exc:
+        print(f"klpfs: {exc}", file=sys.stderr)
+        return 1
+
+    def machine() -> Machine:
+        from klpfs.system import System  # built in the daemon, after the fork
+        return System(kernel_version=args.kernel)
+
+    return mount(machine, args.mountpoint, options, foreground=args.foreground)
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    try:
+        unmount(args.mountpoint)
+    except MountError as exc:
+        print(f"klpfs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klpfs",
+        description="The Linux kernel's live patching subsystem, emulated in user space "
+                    "and mounted as a file system.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser(
+        "mount", help="mount an emulated machine's /sys and /proc",
+        description="Mount an emulated machine: MNT/sys/kernel/livepatch, MNT/proc, ...",
+        epilog=MOUNT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("-f", "--foreground", action="store_true",
+                     help="serve in the foreground, logging to stderr")
+    cmd.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                     help="mount options (see below)")
+    cmd.add_argument("--kernel", type=kernel_version, default=KERNEL_VERSIONS[0],
+                     metavar="VERSION",
+                     help=f"kernel profile: {', '.join(KERNEL_VERSIONS)} "
+                          f"(default {KERNEL_VERSIONS[0]})")
+    cmd.add_argument("mountpoint", metavar="MNT", help="an existing empty directory")
+    cmd.set_defaults(func=_cmd_mount)
+
+    cmd = commands.add_parser("umount", help="unmount a klpfs mount (its daemon exits)",
+                              description="Unmount a klpfs mount; its daemon then exits.")
+    cmd.add_argument("mountpoint", metavar="MNT")
+    cmd.set_defaults(func=_cmd_umount)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+

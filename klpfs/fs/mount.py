@@ -1,0 +1,246 @@
+"""Mounting a machine's kernfs: checks, the serving loop, the background daemon.
+
+A machine is anything with a ``kernfs`` tree and an ``async run()`` doing its
+background work (`klpfs.system.System`, or a test's fake).  It is built by a
+factory inside trio, after any fork: trio and threads do not survive fork().
+
+Shutdown order matters.  On SIGINT/SIGTERM the machine stops first and the
+last cache invalidations are delivered while FUSE still answers requests (a
+delivery can wait for a process that waits for us); only then does the FUSE
+loop stop and the file system get unmounted.  If someone else unmounts us,
+the loop ends by itself and everything else is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyfuse3
+import trio
+
+from klpfs.sysfs.kernfs import Kernfs
+
+from .mountinfo import FSTYPE, find_mount
+from .operations import KernfsOperations
+
+log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
+FUSE_OPTIONS = frozenset({
+    "fsname=klpfs", "subtype=klpfs",  # shows as "klpfs on MNT type fuse.klpfs"
+    "default_permissions",            # the kernel checks modes and owners, as for sysfs
+    "allow_other",                    # sysfs is for everyone, not just the mounter
+    "auto_unmount",                   # a killed daemon leaves no dead mount behind
+})
+LOG_FORMAT = "%(asctime)s klpfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class Machine(Protocol):
+    kernfs: Kernfs
+
+    async def run(self) -> None: ...
+
+
+MachineFactory = Callable[[], Machine]
+
+
+class MountError(Exception):
+    """Why klpfs cannot (un)mount, in one line for the user's terminal."""
+
+
+@dataclass
+class MountOptions:
+    """-o options: ``log=PATH`` is klpfs's own; the rest go to libfuse."""
+
+    fuse: set[str] = field(default_factory=lambda: set(FUSE_OPTIONS))
+    log: str | None = None
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> MountOptions:
+        options = cls()
+        for value in values:
+            for option in value.split(","):
+                name, _, arg = option.partition("=")
+                if not option:
+                    raise MountError("empty mount option")
+                if name == "log":
+                    if not arg:
+                        raise MountError("log= needs a file name")
+                    options.log = os.path.abspath(arg)
+                else:
+                    options.fuse.add(option)
+        return options
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mountpoint, if klpfs can be mounted there."""
+    if not os.path.exists(FUSE_DEVICE):
+        raise MountError(f"{FUSE_DEVICE} does not exist (load the fuse module, or give a "
+                         "container the device)")
+    entry = find_mount(path)
+    if entry is not None:
+        raise MountError(f"cannot mount on {path}: already a mountpoint ({entry.fstype})")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise MountError(f"cannot mount on {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise MountError(f"cannot mount on {path}: Not a directory")
+    return os.path.abspath(path)
+
+
+def unmount(path: str) -> None:
+    """Unmount a klpfs mount (its daemon then exits); refuse anything else."""
+    entry = find_mount(path)
+    if entry is None:
+        raise MountError(f"{path} is not mounted")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"{path} is not a klpfs mount (it is {entry.fstype})")
+    try:
+        result = subprocess.run(["fusermount3", "-u", entry.mountpoint],
+                                capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise MountError("fusermount3 not found (install fuse3)") from None
+    if result.returncode:
+        raise MountError(result.stderr.strip() or f"fusermount3 -u {path} failed")
+
+
+def mount(factory: MachineFactory, mountpoint: str, options: MountOptions,
+          foreground: bool) -> int:
+    """Check, then serve here (foreground) or in a daemon; the exit status."""
+    try:
+        path = check_mountpoint(mountpoint)
+    except MountError as exc:
+        print(f"klpfs: {exc}", file=sys.stderr)
+        return 1
+    if not foreground:
+        return _daemonize(factory, path, options)
+    _log_to(options.log)
+    try:
+        trio.run(serve, factory, path, options.fuse)
+    except MountError as exc:
+        print(f"klpfs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(factory: MachineFactory, mountpoint: str, fuse_options: set[str],
+                ready: Callable[[], None] | None = None) -> None:
+    """Build the machine, mount it, serve until told to stop; always unmount."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        machine = factory()
+        operations = KernfsOperations(machine.kernfs)
+        try:
+            pyfuse3.init(operations, mountpoint, fuse_options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {mountpoint}: {exc}") from None
+        log.info("mounted on %s", mountpoint)
+        stopped_here = True
+        try:
+            if ready is not None:
+                ready()
+            stopped_here = await _serve_mounted(machine, operations, signals)
+        finally:
+            pyfuse3.close(unmount=stopped_here)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _serve_mounted(machine: Machine, operations: KernfsOperations,
+                         signals: trio.abc.ReceiveChannel[int]) -> bool:
+    """True when a signal stopped us (we unmount), False when we were unmounted."""
+    by_signal = False
+    async with trio.open_nursery() as fuse:
+        async def fuse_loop() -> None:
+            await pyfuse3.main()
+            fuse.cancel_scope.cancel()
+
+        fuse.start_soon(fuse_loop)
+        async with trio.open_nursery() as kernel:
+            await kernel.start(operations.invalidator.run)
+            kernel.start_soon(machine.run)
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                by_signal = True
+                kernel.cancel_scope.cancel()
+                break
+        pyfuse3.terminate()
+    return by_signal
+
+
+def _log_to(path: str | None) -> None:
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def _daemonize(factory: MachineFactory, mountpoint: str, options: MountOptions) -> int:
+    """Fork a daemon; succeed once it has mounted, or print why it could not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        if report == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        print(report or "klpfs: the daemon exited before mounting", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os._exit(_daemon(factory, mountpoint, options, write_end))
+
+
+def _daemon(factory: MachineFactory, mountpoint: str, options: MountOptions,
+            report_fd: int) -> int:
+    """The forked child: serve, telling the parent through report_fd how mounting went.
+
+    Until then its output (libfuse's and fusermount3's complaints included) is
+    kept in a scratch file, to be sent along if mounting fails: a terminal or
+    pipe the parent inherited must not be held open by the daemon, nor by the
+    auto_unmount helper fusermount3 leaves running for the mount's lifetime.
+    """
+    os.setsid()
+    os.chdir("/")
+    scratch = tempfile.TemporaryFile()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(scratch.fileno(), 2)
+    mounted = False
+    failure = ""
+
+    def ready() -> None:
+        nonlocal mounted
+        mounted = True
+        os.write(report_fd, b"ok")
+        os.close(report_fd)
+        os.dup2(null, 2)
+
+    if options.log:
+        _log_to(options.log)
+    try:
+        trio.run(serve, factory, mountpoint, options.fuse, ready)
+        status = 0
+    except MountError as exc:
+        failure = f"klpfs: {exc}"
+        status = 1
+    except BaseException:
+        log.exception("daemon failed")
+        failure = "klpfs: the daemon failed"
+        status = 1
+    logging.shutdown()
+    if not mounted:
+        sys.stderr.flush()
+        scratch.seek(0)
+        output = scratch.read().decode(errors="replace").strip()
+        os.write(report_fd, "\n".join(filter(None, (output, failure))).encode())
+    return status
