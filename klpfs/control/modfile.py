@@ -21,7 +21,7 @@ from klpfs.kernel.sched import TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE
 from klpfs.modules import program as p
 from klpfs.modules.livepatch_module import CALLBACK_NAMES
 
-PARAM_TYPES = {"int": int, "bool": bool, "charp": str}
+PARAM_PYTHON_TYPES = {"int": int, "bool": bool, "charp": str}
 LEVELS = {"err": KERN_ERR, "warn": KERN_WARNING, "notice": KERN_NOTICE, "info": KERN_INFO}
 STEP_VERBS = ("log", "output", "sleep", "new", "call", "for_each", "shadow_alloc",
               "shadow_get_or_alloc", "shadow_free", "shadow_free_all", "if_shadow")
@@ -290,9 +290,9 @@ class _Parser:
                 raise self.error(where, "must be a table")
             self.keys(spec, where, {"type", "default", "perm", "description"})
             ptype = self.get(spec, "type", where, str, "int")
-            if ptype not in PARAM_TYPES:
-                raise self.error(f"{where}.type", f"must be one of {', '.join(PARAM_TYPES)}")
-            default = self.get(spec, "default", where, PARAM_TYPES[ptype], PARAM_TYPES[ptype]())
+            if ptype not in PARAM_PYTHON_TYPES:
+                raise self.error(f"{where}.type", f"must be one of {', '.join(PARAM_PYTHON_TYPES)}")
+            default = self.get(spec, "default", where, PARAM_PYTHON_TYPES[ptype], PARAM_PYTHON_TYPES[ptype]())
             perm = self.get(spec, "perm", where, int, 0o644)
             if perm & ~0o777:
                 raise self.error(f"{where}.perm", "must be a file mode such as 0o644")

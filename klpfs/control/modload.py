@@ -9,9 +9,9 @@ import errno
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klpfs.control.modfile import ModuleFile, Param
+from klpfs.control.modfile import ModuleFile
 from klpfs.kernel.kallsyms import FuncDef
-from klpfs.kernel.kstrtox import kstrtobool
+from klpfs.kernel.params import param_set
 from klpfs.kernel.module import MODULE_STATE_TEXT, Module
 from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
 from klpfs.kernel.sched import TaskKind
@@ -28,22 +28,6 @@ if TYPE_CHECKING:
 KTHREAD_BASE = ("ret_from_fork", "kthread")
 
 
-def parse_param_value(param: Param, text: str | None) -> int | bool | str | None:
-    """param_set_int/bool/charp; None where the kernel says -EINVAL."""
-    if param.type == "bool":
-        value = True if text is None else kstrtobool(text.encode())
-        return value
-    if text is None:
-        return None
-    if param.type == "int":
-        try:
-            number = int(text, 0)
-        except ValueError:
-            return None
-        return number if -(1 << 31) <= number < (1 << 31) else None
-    return text
-
-
 def apply_params(mf: ModuleFile, args: list[str], system: System) -> dict[str, object] | int:
     """The module's parameter values for `insmod FILE k=v ...`, or -errno (logged as the kernel does)."""
     values: dict[str, object] = {name: param.default for name, param in mf.params.items()}
@@ -53,7 +37,7 @@ def apply_params(mf: ModuleFile, args: list[str], system: System) -> dict[str, o
         if param is None:
             system.kernel.printk(KERN_WARNING, f"{mf.name}: unknown parameter '{name}' ignored")
             continue
-        value = parse_param_value(param, text if eq else None)
+        value = param_set(param.type, text if eq else None)
         if value is None:
             system.kernel.printk(KERN_ERR, f"{mf.name}: `{text}' invalid for parameter `{name}'")
             return -errno.EINVAL
@@ -65,7 +49,7 @@ def build_module(mf: ModuleFile, system: System, params: dict[str, object]) -> M
     """A fresh Module for this load of the file."""
     lp = system.livepatch
     mod = Module(mf.name, livepatch=mf.livepatch, out_of_tree=mf.out_of_tree, signed=mf.signed,
-                 params=params)
+                 params=params, param_specs={name: (p.type, p.perm) for name, p in mf.params.items()})
     mod.data["file"] = Path(mf.path)
     code = ModuleCode(system.kernel, lp.shadow, system.structures, mod)
     mod.data["code"] = code

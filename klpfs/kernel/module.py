@@ -60,6 +60,8 @@ class Module:
     init: Callable[[Module], int] | None = None
     exit: Callable[[Module], None] | None = None
     params: dict[str, object] = field(default_factory=dict)
+    param_specs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Parameter name -> (type, sysfs mode): int/bool/charp, 0 for no sysfs file."""
     state: ModuleState = ModuleState.UNFORMED
     refcnt: int = 0
     klp_alive: bool = False

@@ -6,11 +6,22 @@ freed, with the attributes kernel/module.c gives every module.
 
 from __future__ import annotations
 
+import errno
+
 from klpfs.kernel.module import Module, ModuleLoader, ModuleState
+from klpfs.kernel.params import param_get, param_set
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 from klpfs.sysfs.kobject import MODE_RO
 
 _INITSTATE = {ModuleState.LIVE: "live", ModuleState.COMING: "coming", ModuleState.GOING: "going"}
+
+
+def _store(mod: Module, name: str, ptype: str, buf: bytes) -> int:
+    value = param_set(ptype, buf.decode(errors="replace"))
+    if value is None:
+        return -errno.EINVAL
+    mod.params[name] = value
+    return len(buf)
 
 
 class ModuleSysfs:
@@ -28,10 +39,12 @@ class ModuleSysfs:
         kernfs.create_file(node, "initstate", MODE_RO, lambda: f"{_INITSTATE.get(mod.state, 'unformed')}\n")
         kernfs.create_file(node, "taint", MODE_RO, lambda: f"{mod.taints}\n")
         kernfs.create_dir(node, "holders")
-        if mod.params:
+        visible = {name: spec for name, spec in mod.param_specs.items() if spec[1]}
+        if visible:
             params = kernfs.create_dir(node, "parameters")
-            for name in mod.params:
-                kernfs.create_file(params, name, MODE_RO, lambda name=name: f"{mod.params[name]}\n")
+            for name, (ptype, perm) in visible.items():
+                kernfs.create_file(params, name, perm, lambda name=name: param_get(mod.params[name]),
+                                   lambda buf, name=name, ptype=ptype: _store(mod, name, ptype, buf))
         self._dirs[mod.name] = node
 
     def teardown(self, mod: Module) -> None:
