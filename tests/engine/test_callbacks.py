@@ -384,3 +384,32 @@ async def test_callbacks_demo_story_stuck_transition_reversed(m, autojump_clock)
         cb_line("post_unpatch"),
         "livepatch: 'lp_cb': unpatching complete",
     ]
+
+
+async def test_row_module_unloads_during_unpatching_transition(m, autojump_clock):
+    """§5 row "module unloads while in transition" (unpatching): no pre_unpatch
+    (the disable already ran it); reverting notice and post_unpatch."""
+    await loaded_enabled(m)
+    m.blocker()
+    assert m.write("lp_cb/enabled", b"0") == 1
+    m.take()
+    assert m.rmmod("tmod") == 0
+    assert m.take() == [
+        "tmod: tmod_exit",
+        "livepatch: reverting patch 'lp_cb' on unloading module 'tmod'",
+        cb_line("post_unpatch", "tmod", "GOING"),
+    ]
+
+
+async def test_post_unpatch_gated_after_failed_module_pre_patch(m, autojump_clock):
+    """§5 wrappers: a pre_patch that failed at module load leaves the flag false:
+    nothing runs post_unpatch for it later."""
+    rets = {"tmod": -errno.EPERM}
+    assert m.load(demo_spec(m, rets=rets)) == 0
+    await settle()
+    assert m.load(tmod(m)) == -errno.EPERM
+    rets["tmod"] = 0
+    m.take()
+    assert m.write("lp_cb/enabled", b"0") == 1
+    await settle()
+    assert [ln for ln in m.take() if "tmod" in ln] == []

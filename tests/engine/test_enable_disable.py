@@ -367,3 +367,92 @@ async def test_tasks_in_user_mode_and_module_code(m, autojump_clock):
     await settle()
     assert all(t.patch_state == -1 for t in m.all_tasks())
     assert m.rmmod("lp_a") == 0
+
+
+async def test_object_rollback_on_func_failure(m, autojump_clock):
+    """§6.2 "patch an object": on the first failing func, the object's funcs
+    already patched are unpatched again (no ops, no ftrace hook left)."""
+    assert m.load(spec("lp_r", {None: ["cmdline_proc_show", "__schedule"]})) == -errno.EINVAL
+    assert "livepatch: failed to find location for function '__schedule'" in m.lines()
+    assert m.lp.klp_ops == []
+    assert m.kernel.ftrace.hooks == {}
+    assert m.call("cmdline_proc_show", m.kthread()) == ORIGINAL
+
+
+async def test_ftrace_hooks_follow_func_stacks(m, autojump_clock):
+    """§6.2: the ftrace handler is registered when the first func for an address
+    is patched and unregistered when the last one leaves."""
+    addr = m.sym("cmdline_proc_show").addr
+    assert m.load(A) == 0
+    assert addr in m.kernel.ftrace.hooks
+    await settle()
+    assert m.write("lp_a/enabled", b"0") == 1
+    await settle()
+    assert addr not in m.kernel.ftrace.hooks
+
+
+async def test_immediate_callbacks_order(m, autojump_clock):
+    """§4.1 + §5 + §8.7: an immediate enable runs pre_patch, then completes at
+    once with post_patch; an immediate disable runs pre_unpatch then
+    post_unpatch, all inside the write."""
+    cbs = {None: demo_callbacks(m.printk)}
+    assert m.load(spec("lp_i", immediate=True, callbacks=cbs)) == 0
+    assert m.take()[1:] == [
+        "livepatch: enabling patch 'lp_i'",
+        "livepatch: 'lp_i': initializing patching transition",
+        cb_line("pre_patch"),
+        "livepatch: 'lp_i': starting patching transition",
+        "livepatch: 'lp_i': completing patching transition",
+        cb_line("post_patch"),
+        "livepatch: 'lp_i': patching complete",
+    ]
+    assert m.write("lp_i/enabled", b"0") == 1
+    assert m.take() == [
+        "livepatch: 'lp_i': initializing unpatching transition",
+        cb_line("pre_unpatch"),
+        "livepatch: 'lp_i': starting unpatching transition",
+        "livepatch: 'lp_i': completing unpatching transition",
+        cb_line("post_unpatch"),
+        "livepatch: 'lp_i': unpatching complete",
+    ]
+
+
+async def test_enable_api_during_own_unpatching_ebusy(m, autojump_clock):
+    """§4.2 step 1: the API enable of a patch that is itself unpatching is EBUSY
+    (only the sysfs store reverses)."""
+    assert m.load(A) == 0
+    await settle()
+    m.blocker()
+    assert m.write("lp_a/enabled", b"0") == 1
+    assert m.lp.klp_enable_patch(m.patch("lp_a")) == -errno.EBUSY
+    assert m.state("lp_a") == (0, 1)
+
+
+async def test_cancel_with_immediate_func_leaks_reference(m, autojump_clock):
+    """§4.2 error path: with an immediate func the cancel does not release the
+    module reference."""
+    rets = {"vmlinux": -errno.EPERM}
+    s = spec("lp_f", {None: [("cmdline_proc_show", 0, True)]},
+             callbacks={None: demo_callbacks(m.printk, pre_patch_ret=rets)})
+    assert m.register_only(s) == 0
+    assert m.write("lp_f/enabled", b"1") == -errno.EPERM
+    assert m.refcnt("lp_f") == 1
+
+
+async def test_enable_skips_not_loaded_objects_silently(m, autojump_clock):
+    """§4.2 step 7: objects that are not loaded are skipped with no message and
+    no callback; their funcs are not patched."""
+    cbs = {"absent": demo_callbacks(m.printk)}
+    assert m.load(spec("lp_s", {"absent": ["x"]}, callbacks=cbs)) == 0
+    await settle()
+    assert not [ln for ln in m.lines() if "absent" in ln]
+    assert m.patch("lp_s").objs[0].patched is False
+    assert m.state("lp_s") == (1, 0)
+
+
+async def test_taint_flag_k(m, autojump_clock):
+    """§4.6: loading a livepatch module sets taint flag K (TAINT_LIVEPATCH, bit 15)."""
+    assert m.kernel.modules.tainted & (1 << 15) == 0
+    assert m.load(A) == 0
+    assert m.kernel.modules.tainted & (1 << 15)
+    assert "K" in m.kernel.modules.taint_letters()

@@ -12,7 +12,7 @@ from klpfs.kernel.kallsyms import FuncDef, const_body
 from klpfs.kernel.module import Module
 from klpfs.livepatch.structs import KlpFunc, KlpObject, KlpPatch
 
-from .conftest import LP, new_name, settle, spec, target_module
+from .conftest import LP, settle, spec, target_module
 
 DUP_LINES = [
     "sysfs: cannot create duplicate filename '/kernel/livepatch/{path}'",
@@ -433,6 +433,3 @@ async def test_module_object_resolved_only_when_loaded(m, autojump_clock):
     assert m.register_only(spec("lp_x", {"tmod": ["no_such_function"]})) == 0
     assert m.lp_node("lp_x/tmod/no_such_function,1") is not None
 
-
-def _unused() -> None:  # keep imports used by type checkers
-    new_name("a", "b")

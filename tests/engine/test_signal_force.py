@@ -175,14 +175,16 @@ async def test_signal_effects(m16, autojump_clock):
 
 
 async def test_signal_not_for_idle_or_switched_tasks(m16, autojump_clock):
-    """§8.10: only tasks still pending are signalled; idle tasks are not included."""
+    """§8.10: only tasks still pending are signalled/woken: a kthread that already
+    switched stays asleep where it was; idle tasks are not included."""
     m = m16
-    u = m.sleeper("meminfo_proc_show", comm="u_clean", kind=TaskKind.USER, state="S")
+    k = m.sleeper("meminfo_proc_show", comm="k_clean", state="S")
     spin = m.blocker()
     assert m.load(A) == 0
-    assert u.patch_state == 1
+    assert k.patch_state == 1
+    act = k.activity
     assert m.write("lp_a/signal", b"1") == 1
-    assert u.activity is not None                       # not pending: not signalled
+    assert k.activity is act                            # not pending: not woken
     assert spin.patch_state == 0
 
 
@@ -338,3 +340,15 @@ async def test_reversal_and_enable_rules_unchanged_on_416(m16, autojump_clock):
     assert m.write("lp_b/enabled", b"1") == 1                     # reversal
     await settle()
     assert m.state("lp_b") == (1, 0)
+
+
+@pytest.mark.parametrize("attr", ATTRS)
+async def test_stale_store_after_unregistration(m16, autojump_clock, attr):
+    """§2.6 steps 2-3: "0" returns success with no check at all (even for a patch
+    no longer registered); "1" is EINVAL (not the transition patch)."""
+    m = m16
+    assert m.register_only(A) == 0
+    store = m.lp_node(f"lp_a/{attr}").store
+    assert m.rmmod("lp_a") == 0
+    assert store(b"0\n") == 2
+    assert store(b"1\n") == -errno.EINVAL

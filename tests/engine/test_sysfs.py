@@ -510,3 +510,14 @@ async def test_livepatch_dir_holds_only_patch_dirs(m, autojump_clock):
     assert m.register_only(B) == 0
     assert sorted(root.children) == ["lp_a", "lp_b"]
     assert all(node.is_dir for node in root.children.values())
+
+
+async def test_enabled_write_same_value_during_other_transition(m, autojump_clock):
+    """§2.4 step 3 precedes the transition check: writing 1 to an enabled patch
+    while another patch is in transition is EINVAL (not EBUSY)."""
+    await enabled_idle(m, A)
+    m.blocker()
+    assert m.load(B) == 0
+    assert m.state("lp_b") == (1, 1)
+    assert m.write("lp_a/enabled", b"1") == -errno.EINVAL
+    assert m.write("lp_a/enabled", b"0") == -errno.EBUSY

@@ -99,8 +99,7 @@ async def test_offline_cpu_idle_task_switched_directly(m, autojump_clock):
     """§8.1 item 4 / §8.5 step 4: an offline CPU's idle task is switched by the
     completion attempt itself, without any check or message."""
     m.sched.set_cpu_online(1, False)
-    blocker = m.blocker()
-    blocker  # noqa: B018
+    m.blocker()
     assert m.load(P) == 0
     idle1 = m.sched.idle_tasks[1]
     assert idle1.patch_state == 1
@@ -444,3 +443,87 @@ async def test_cancel_path_restores_everything(m, autojump_clock):
     assert m.lp.klp_transition_patch is None
     assert m.state("lp_c") == (0, 0)
     assert m.call("cmdline_proc_show", m.kthread()) == ORIGINAL
+
+
+# ---------------------------------------------------------------------------
+# more §8 rows
+# ---------------------------------------------------------------------------
+
+async def test_task_already_in_target_is_not_checked(m, autojump_clock):
+    """§8.6 step 1: a task whose state already equals the target succeeds with no
+    check: after a reversal the spinning (never switched) task prints no more
+    "is running" lines."""
+    spin = m.blocker("spin")
+    assert m.load(P) == 0
+    await settle(0.5)
+    assert m.write("lp_p/enabled", b"0") == 1
+    await settle(1)
+    assert times_of(m, running_line(spin)) == [0.0]
+    assert m.state("lp_p") == (0, 0)
+
+
+async def test_module_object_loaded_mid_transition_is_stack_checked(m, autojump_clock):
+    """§8.6 step 5 with §7.1: a module object patched during the transition is
+    part of the stack check: a not-yet-switched task asleep in the module's
+    original function holds the transition."""
+    from .conftest import target_module
+    spin = m.blocker("spin")
+    assert m.load(spec("lp_m", {None: ["cmdline_proc_show"], "tmod": ["tfunc"]})) == 0
+    assert m.load(target_module("tmod", ["tfunc"])) == 0
+    # a task still in the initial state (forked from the spinner) enters tfunc: original
+    holder = m.sched.add("holder", TaskKind.KTHREAD, spin.base, ppid=spin.pid)
+    assert holder.patch_state == 0
+    assert m.sched.enter(holder, m.sym("tfunc", "tmod"), "D") is m.sym("tfunc", "tmod")
+    m.sched.rest(spin)
+    await settle()
+    assert sleeping_line(holder, "tfunc") in m.lines()
+    assert m.state("lp_m") == (1, 1)
+    m.sched.wake(holder)
+    await settle()
+    assert m.state("lp_m") == (1, 0)
+
+
+async def test_idle_task_stack_checked_when_cpu_busy(m, autojump_clock):
+    """§8.6 step 3 note: an idle task whose CPU runs another task is not running
+    and is stack-checked like a sleeper: patching do_idle (on every idle stack)
+    blocks it, with the sleeping line; once the CPU goes idle, the idle loop
+    switches it."""
+    busy0, busy1 = m.blocker("b0"), m.blocker("b1")
+    busy0.cpu, busy1.cpu = 0, 1
+    m.sched.run(busy0)
+    m.sched.run(busy1)
+    assert m.load(spec("lp_idle", {None: ["do_idle"]})) == 0
+    idle0, idle1 = m.sched.idle_tasks
+    lines = m.lines()
+    assert "livepatch: klp_check_stack: swapper/0:0 is sleeping on function do_idle" in lines
+    assert "livepatch: klp_check_stack: swapper/1:0 is sleeping on function do_idle" in lines
+    assert (idle0.patch_state, idle1.patch_state) == (0, 0)
+    m.sched.rest(busy0)
+    m.sched.rest(busy1)
+    await settle(0.1)
+    assert (idle0.patch_state, idle1.patch_state) == (1, 1)
+    await settle()
+    assert m.state("lp_idle") == (1, 0)
+
+
+async def test_reversal_idle_tasks_switch_back_in_idle_loop(m, autojump_clock):
+    """§8.9 step 3/5: switched idle tasks get the pending flag again and switch
+    back in the idle loop."""
+    spin = m.blocker("spin")
+    assert m.load(P) == 0
+    await settle(0.5)
+    idle = m.sched.idle_tasks
+    assert [t.patch_state for t in idle] == [1, 1]
+    assert m.write("lp_p/enabled", b"0") == 1
+    free = idle[1 - spin.cpu]
+    assert TIF_PATCH_PENDING in free.flags
+    await settle(0.1)
+    assert free.patch_state == 0
+
+
+async def test_patch_state_in_thread_dir(m, autojump_clock):
+    """§2.7: /proc/<pid>/task/<tid>/patch_state mirrors the task's state, 0400."""
+    t = m.kthread("kt")
+    node = m.node(f"proc/{t.pid}/task/{t.pid}/patch_state")
+    assert node.mode & 0o7777 == 0o400
+    assert Kernfs.read(node, 0, 10) == b"-1\n"
