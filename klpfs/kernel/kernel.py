@@ -18,6 +18,9 @@ from klpfs.kernel.sched import Sched, Task, TaskKind
 from klpfs.kernel.timers import Timers
 
 
+MAX_REDIRECTS = 16
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """Which implementation answered a call to `called`, and what it produced."""
@@ -53,12 +56,19 @@ class Kernel:
     # -- the call path ---------------------------------------------------------
 
     def resolve(self, func: KSym, task: Task) -> KSym:
-        """The implementation that runs when task calls func (ftrace decides)."""
-        ip = self.ftrace.resolve(func.addr, task)
-        if ip == func.addr:
-            return func
-        impl = self.kallsyms.lookup(ip)
-        return impl if impl is not None else func
+        """The implementation that runs when task calls func.
+
+        A redirected call starts the new function from its entry, so that
+        function's own ftrace hook applies too: a patch of a patch chains.
+        """
+        impl = func
+        for _ in range(MAX_REDIRECTS):
+            ip = self.ftrace.resolve(impl.addr, task)
+            target = self.kallsyms.lookup(ip) if ip != impl.addr else None
+            if target is None:
+                break
+            impl = target
+        return impl
 
     def call(self, func: KSym, task: Task, arg: int | None = None) -> CallResult:
         """Run func as task, through any redirection, and return what it produced."""

@@ -65,6 +65,14 @@ class Livepatch:
         """pr_*() with this subsystem's pr_fmt prefix."""
         self.kernel.printk(level, f"livepatch: {text}")
 
+    def immediate(self, patch: KlpPatch) -> bool:
+        """patch->immediate, which exists only where the profile has it (4.15, §4.1)."""
+        return self.profile.immediate and patch.immediate
+
+    def func_immediate(self, func: KlpFunc) -> bool:
+        """func->immediate, likewise (4.15 only)."""
+        return self.profile.immediate and func.immediate
+
     def klp_is_patch_registered(self, patch: KlpPatch) -> bool:
         return any(p is patch for p in self.klp_patches)
 
@@ -100,7 +108,7 @@ class Livepatch:
         if not patch.mod.livepatch:
             self.pr(KERN_ERR, f"module {patch.mod.name} is not marked as a livepatch module")
             return -errno.EINVAL
-        if not self.reliable_stacks and not patch.immediate:
+        if not self.reliable_stacks and not self.immediate(patch):
             self.pr(KERN_ERR, "This architecture doesn't have support for the livepatch consistency model.")
             return -errno.ENOSYS
         return self._klp_init_patch(patch)

@@ -38,10 +38,10 @@ def klp_complete_transition(lp: Livepatch) -> None:
     if target == KLP_UNPATCHED:
         klp_unpatch_objects(lp, patch)
     immediate_func = False
-    if not patch.immediate:
+    if not lp.immediate(patch):
         for func in _funcs(patch):
             func.transition = False
-            immediate_func |= func.immediate
+            immediate_func |= lp.func_immediate(func)
         sched = lp.kernel.sched
         for task in sched.all_tasks():
             task.patch_state = KLP_UNDEFINED
@@ -55,7 +55,7 @@ def klp_complete_transition(lp: Livepatch) -> None:
     lp.pr(KERN_NOTICE, f"'{patch.name}': {_direction(target)} complete")
     # §4.5/§8.11: immediate patches, and after any forced transition
     # (4.16's global klp_forced), the module reference is never dropped.
-    if target == KLP_UNPATCHED and not patch.immediate and not immediate_func and not lp.klp_forced:
+    if target == KLP_UNPATCHED and not lp.immediate(patch) and not immediate_func and not lp.klp_forced:
         assert patch.mod is not None
         lp.kernel.modules.module_put(patch.mod)
     lp.klp_target_state = KLP_UNDEFINED
@@ -82,7 +82,7 @@ def klp_update_patch_state(lp: Livepatch, task: Task) -> None:
 
 def _check_stack_func(lp: Livepatch, func: KlpFunc, trace: list[int]) -> bool:
     """True if some return address lies in the code this task must not be in."""
-    if func.immediate:
+    if lp.func_immediate(func):
         return False
     if lp.klp_target_state == KLP_UNPATCHED:
         assert func.new_func is not None
@@ -137,7 +137,7 @@ def klp_try_complete_transition(lp: Livepatch) -> None:
     """Try every task and idle task once; complete, or retry next second (§8.5)."""
     patch = lp.klp_transition_patch
     assert patch is not None
-    if not patch.immediate:
+    if not lp.immediate(patch):
         sched = lp.kernel.sched
         complete = True
         for task in sched.user_and_kthreads():
@@ -159,7 +159,7 @@ def klp_start_transition(lp: Livepatch) -> None:
     patch = lp.klp_transition_patch
     assert patch is not None
     lp.pr(KERN_NOTICE, f"'{patch.name}': starting {_direction(lp.klp_target_state)} transition")
-    if patch.immediate:
+    if lp.immediate(patch):
         return
     sched = lp.kernel.sched
     for task in sched.all_tasks():
@@ -172,7 +172,7 @@ def klp_init_transition(lp: Livepatch, patch: KlpPatch, state: int) -> None:
     lp.klp_transition_patch = patch
     lp.klp_target_state = state
     lp.pr(KERN_DEBUG, f"'{patch.name}': initializing {_direction(state)} transition")
-    if patch.immediate:
+    if lp.immediate(patch):
         return
     initial_state = KLP_UNPATCHED if state == KLP_PATCHED else KLP_PATCHED
     for task in lp.kernel.sched.all_tasks():

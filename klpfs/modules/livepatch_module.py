@@ -57,7 +57,7 @@ def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool) -> Klp
 def klp_sample_init(lp: Livepatch, mod: Module, patch: KlpPatch) -> int:
     """The samples' module_init: register then enable; a failed enable unregisters."""
     mod.data["patch"] = patch
-    if lp.profile.immediate and not lp.reliable_stacks and not patch.immediate:
+    if lp.profile.immediate and not lp.reliable_stacks and not lp.immediate(patch):
         lp.kernel.printk(KERN_NOTICE, f"{mod.name}: The consistency model isn't supported for your "
                                       "architecture.  Bypassing safety mechanisms and applying the "
                                       "patch immediately.")

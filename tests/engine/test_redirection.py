@@ -145,3 +145,18 @@ async def test_fork_inherits_for_call_selection(m, autojump_clock):
     kid_of_switched = m.sched.add("kid1", switched.kind, switched.base, ppid=switched.pid)
     assert m.call("cmdline_proc_show", kid_of_stuck) == ORIGINAL
     assert m.call("cmdline_proc_show", kid_of_switched) == NEW1
+
+
+async def test_patch_of_a_patch_chains(m, autojump_clock):
+    """A redirected call enters the new function at its start, where that
+    function's own ftrace hook runs: a patch of lp_1's replacement wins."""
+    assert m.load(P1) == 0
+    await settle()
+    chained = spec("lp_chain", {"lp_1": ["lp_1__cmdline_proc_show"]})
+    assert m.load(chained) == 0
+    await settle()
+    for t in m.all_tasks():
+        assert m.call("cmdline_proc_show", t) == "lp_chain:lp_1__cmdline_proc_show"
+    assert m.write("lp_chain/enabled", b"0") == 1
+    await settle()
+    assert m.call("cmdline_proc_show", m.kthread()) == NEW1
