@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from klpfs.fs.mount import Machine, MountError, MountOptions, mount, unmount
+import trio
+
+from klpfs.control import commands as control
+from klpfs.fs.mount import MountError, MountOptions, mount, unmount
+
+if TYPE_CHECKING:
+    from klpfs.system import System
 
 KERNEL_VERSIONS = ("4.15", "4.16")
 """Kernel profiles the emulator implements; the first is the default."""
@@ -37,18 +44,32 @@ def kernel_version(value: str) -> str:
     return value
 
 
+class Daemon:
+    """What ``klpfs mount`` serves: the emulated system and its control socket."""
+
+    def __init__(self, kernel: str, mountpoint: str) -> None:
+        # Imported here, in the daemon after the fork: the engine is not needed before.
+        from klpfs.system import System
+        self.system: System = System(kernel_version=kernel)
+        self.kernfs = self.system.kernfs
+        self.mountpoint = mountpoint
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from klpfs.control.server import serve_control
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, self.system, self.mountpoint)
+            task_status.started()
+            await self.system.run()
+
+
 def _cmd_mount(args: argparse.Namespace) -> int:
     try:
         options = MountOptions.parse(args.options)
     except MountError as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
-
-    def machine() -> Machine:
-        from klpfs.system import System  # built in the daemon, after the fork
-        return System(kernel_version=args.kernel)
-
-    return mount(machine, args.mountpoint, options, foreground=args.foreground)
+    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint), args.mountpoint, options,
+                 foreground=args.foreground)
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
@@ -86,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Unmount a klpfs mount; its daemon then exits.")
     cmd.add_argument("mountpoint", metavar="MNT")
     cmd.set_defaults(func=_cmd_umount)
+
+    control.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command in ("mount", "umount"):
+        return args.func(args)
+    return control.run(args)
 

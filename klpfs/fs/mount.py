@@ -1,8 +1,12 @@
 """Mounting a machine's kernfs: checks, the serving loop, the background daemon.
 
 A machine is anything with a ``kernfs`` tree and an ``async run()`` doing its
-background work (`klpfs.system.System`, or a test's fake).  It is built by a
-factory inside trio, after any fork: trio and threads do not survive fork().
+background work (the CLI's System with its control socket, or a test's fake).
+It is built by a factory, given the mountpoint, inside trio and after any
+fork: trio and threads do not survive fork().  Its ``run`` is started with
+``nursery.start``: ``klpfs mount`` returns once it has called
+``task_status.started()``, so whatever it serves besides the files (the
+control socket) is ready too.
 
 Shutdown order matters.  On SIGINT/SIGTERM the machine stops first and the
 last cache invalidations are delivered while FUSE still answers requests (a
@@ -47,10 +51,12 @@ LOG_FORMAT = "%(asctime)s klpfs[%(process)d] %(levelname)s %(name)s: %(message)s
 class Machine(Protocol):
     kernfs: Kernfs
 
-    async def run(self) -> None: ...
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work until cancelled; call task_status.started() once ready."""
 
 
-MachineFactory = Callable[[], Machine]
+MachineFactory = Callable[[str], Machine]
+"""Builds the machine to serve at the mountpoint it is given."""
 
 
 class MountError(Exception):
@@ -135,27 +141,38 @@ def mount(factory: MachineFactory, mountpoint: str, options: MountOptions,
 
 async def serve(factory: MachineFactory, mountpoint: str, fuse_options: set[str],
                 ready: Callable[[], None] | None = None) -> None:
-    """Build the machine, mount it, serve until told to stop; always unmount."""
+    """Build the machine, mount it, serve until told to stop; always unmount.
+
+    The machine runs before the mount exists and stops after it is gone: its
+    trio thread must never touch a path under the mountpoint while mounted
+    (a stat of the mountpoint would wait for an answer only this thread can
+    give), and setting up or tearing down is when it is tempted to.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        machine = factory()
+        machine = factory(mountpoint)
         operations = KernfsOperations(machine.kernfs)
-        try:
-            pyfuse3.init(operations, mountpoint, fuse_options)
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount on {mountpoint}: {exc}") from None
-        log.info("mounted on %s", mountpoint)
-        stopped_here = True
-        try:
-            if ready is not None:
-                ready()
-            stopped_here = await _serve_mounted(machine, operations, signals)
-        finally:
-            pyfuse3.close(unmount=stopped_here)
-            log.info("unmounted %s", mountpoint)
+        failure = None
+        async with trio.open_nursery() as background:
+            await background.start(machine.run)
+            try:
+                pyfuse3.init(operations, mountpoint, fuse_options)
+            except RuntimeError as exc:
+                failure = MountError(f"cannot mount on {mountpoint}: {exc}")
+            else:
+                log.info("mounted on %s", mountpoint)
+                stopped_here = True
+                try:
+                    stopped_here = await _serve_mounted(operations, signals, ready)
+                finally:
+                    pyfuse3.close(unmount=stopped_here)
+                    log.info("unmounted %s", mountpoint)
+            background.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
 
-async def _serve_mounted(machine: Machine, operations: KernfsOperations,
-                         signals: trio.abc.ReceiveChannel[int]) -> bool:
+async def _serve_mounted(operations: KernfsOperations, signals: trio.abc.ReceiveChannel[int],
+                         ready: Callable[[], None] | None) -> bool:
     """True when a signal stopped us (we unmount), False when we were unmounted."""
     by_signal = False
     async with trio.open_nursery() as fuse:
@@ -164,14 +181,15 @@ async def _serve_mounted(machine: Machine, operations: KernfsOperations,
             fuse.cancel_scope.cancel()
 
         fuse.start_soon(fuse_loop)
-        async with trio.open_nursery() as kernel:
-            await kernel.start(operations.invalidator.run)
-            kernel.start_soon(machine.run)
+        async with trio.open_nursery() as invalidation:
+            await invalidation.start(operations.invalidator.run)
+            if ready is not None:
+                ready()
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 by_signal = True
-                kernel.cancel_scope.cancel()
                 break
+            invalidation.cancel_scope.cancel()  # finishes a delivery while FUSE still serves
         pyfuse3.terminate()
     return by_signal
 
@@ -193,7 +211,7 @@ def _daemonize(factory: MachineFactory, mountpoint: str, options: MountOptions) 
         if report == "ok":
             return 0
         os.waitpid(pid, 0)
-        print(report or "klpfs: the daemon exited before mounting", file=sys.stderr)
+        print(report or "klpfs: the daemon died before it was ready", file=sys.stderr)
         return 1
     os.close(read_end)
     os._exit(_daemon(factory, mountpoint, options, write_end))

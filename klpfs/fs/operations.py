@@ -137,7 +137,9 @@ class KernfsOperations(pyfuse3.Operations):
             attrs.st_size = 0
         else:
             attrs.st_size = PAGE_SIZE
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = int(node.ctime * 1e9)
+        seconds = int(node.ctime)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = (
+            seconds * 1_000_000_000 + round((node.ctime - seconds) * 1e9))
         if node.active:
             self._attrs[node.ino] = attrs
         return attrs
