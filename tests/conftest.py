@@ -1,0 +1,48 @@
+"""Fixtures shared by every test directory: real klpfs mounts.
+
+``mount_klpfs(kernel="4.16", options=("log=/tmp/x",))`` mounts ``klpfs mount -f``
+on a fresh mountpoint and returns a `fusemount.Mount`; ``klpfs_mount`` is the
+default-kernel one.  Every mount is unmounted and its daemon reaped at
+teardown, and a test fails if its daemon logged an error it did not expect
+(set ``mount.errors_expected = True``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+from fusemount import KLPFS, Mount
+
+
+@pytest.fixture
+def mount_klpfs() -> Iterator[Callable[..., Mount]]:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("FUSE tests need root, /dev/fuse and fusermount3")
+    mounts: list[Mount] = []
+
+    def start(kernel: str | None = None, options: Sequence[str] = ()) -> Mount:
+        argv = [*KLPFS, "mount", "-f"]
+        argv += [f"-o{option}" for option in options]
+        if kernel is not None:
+            argv += ["--kernel", kernel]
+        mount = Mount(argv)
+        mounts.append(mount)
+        return mount.start()
+
+    yield start
+    failures = []
+    for mount in mounts:
+        try:
+            mount.stop()
+        except Exception as exc:
+            failures.append(str(exc))
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def klpfs_mount(mount_klpfs: Callable[..., Mount]) -> Mount:
+    return mount_klpfs()
