@@ -2,39 +2,90 @@
 
 The engine never asks "which version is this?"; it reads the switch for the
 behaviour in question.  Each release is its predecessor plus the changes
-that release made (spec §12), so a later profile is a `derive` away.
+that release made (spec §12 and the 6.1 observations), so a later profile
+is a `derive` away.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+# Values of Profile.no_reliable_stack: what registration/enable does on an
+# arch without reliable stack traces (§3.1, §12.2, §12.4).
+ENOSYS_UNLESS_IMMEDIATE = "enosys-unless-immediate"
+ENOSYS = "enosys"
+EOPNOTSUPP = "eopnotsupp"
+WARN = "warn"
+
+# Values of Profile.force_marks: whom `force` pins for good (§8.11, §12.4).
+FORCE_NONE = "none"
+FORCE_GLOBAL = "global"
+"""klp_forced: one flag, every patch module pinned (4.16 to 5.0)."""
+FORCE_LISTED = "listed"
+"""Every patch listed at the time (5.1 to 5.17)."""
+FORCE_REMOVED = "removed"
+"""Only the patches being removed: an unpatching patch, or those a replace patch replaces (5.18 on)."""
+
 
 @dataclass(frozen=True)
 class Profile:
     version: str
     release: str
-    # -- livepatch core ----------------------------------------------------
+    # -- patch structures and API --------------------------------------------
     immediate: bool
     """klp_patch.immediate and klp_func.immediate exist (4.15 only, §4.1)."""
     register_api: bool
-    """klp_register_patch/klp_unregister_patch are separate from enabling (< 5.1)."""
+    """klp_register_patch/klp_unregister_patch exist; patches stay registered when
+    disabled.  Without it (5.1 on) klp_enable_patch does everything and a
+    disabled patch is freed: its directory goes and its module is released."""
     stacking_rule: bool
     """Enable/disable only in registration order (§2.4; < 5.1)."""
-    reenable: bool
-    """`1` to a disabled patch's `enabled` enables it again (< 5.1)."""
-    # -- transition --------------------------------------------------------
+    atomic_replace: bool
+    """klp_patch.replace with nop functions (5.1 on)."""
+    system_states: bool
+    """klp_patch.states and the compatibility check at enable (5.5 on)."""
+    no_reliable_stack: str
+    """See ENOSYS_UNLESS_IMMEDIATE and friends."""
+    name_limits: bool
+    """old_name and object names longer than the kernel's limits are -EINVAL (5.0 on)."""
+    ksym_name_len: int
+    """KSYM_NAME_LEN: 128, 512 from 6.1."""
+    # -- transition --------------------------------------------------------------
     sysfs_signal: bool
     """<patch>/signal, 0200 (4.16 to 5.0, §2.6)."""
     sysfs_force: bool
     """<patch>/force, 0200 (4.16 on, §2.6)."""
-    forced_global: bool
-    """klp_forced is one global flag that pins every patch module for good (4.16 to 5.0, §8.11)."""
-    stack_check_in_try_switch: bool = False
-    """The per-task stack messages name klp_try_switch_task, not klp_check_stack (6.1 observed)."""
-    # -- module loader around livepatch -------------------------------------
-    module_sig_messages: bool = False
-    """The loader warns about unsigned modules (distro kernels with CONFIG_MODULE_SIG)."""
+    force_marks: str
+    """See FORCE_*."""
+    auto_signals: bool
+    """Fake signals every 15 unsuccessful retries, the first round announced (5.1 on)."""
+    stack_check_in_try_switch: bool
+    """All per-task debug lines name klp_try_switch_task (5.16 on, 6.1 observed)."""
+    idle_kick: bool
+    """An idle CPU whose idle task could not switch is kicked (wake_up_if_idle, 5.16 on)."""
+    cond_resched_switch: bool
+    """A busy kthread switches itself at cond_resched() when it is not in patched code (6.4 to 6.15)."""
+    replaced_freed_after_callbacks: bool
+    """Replaced patches are freed after the replace patch's post_patch callbacks (5.5 on)."""
+    # -- sysfs ----------------------------------------------------------------------
+    sysfs_patched: bool
+    """<patch>/<object>/patched, 0444 (6.1 on)."""
+    sysfs_replace: bool
+    """<patch>/replace, 0444 (6.11 on)."""
+    sysfs_stack_order: bool
+    """<patch>/stack_order, 0444 (6.14 on)."""
+    # -- shadow variables and the module loader ------------------------------------
+    shadow_ctor_dtor: bool
+    """klp_shadow_alloc takes a constructor, klp_shadow_free a destructor (4.17 on)."""
+    vmlinux_name_check: bool
+    """A module named vmlinux is refused by the livepatch coming hook (5.8 on)."""
+    module_sig_messages: bool
+    """The loader warns about unsigned modules (a distro kernel with CONFIG_MODULE_SIG)."""
+
+    @property
+    def reenable(self) -> bool:
+        """`1` to a disabled patch's `enabled` enables it again (only while patches stay registered)."""
+        return self.register_api
 
     def derive(self, version: str, release: str, **changes: object) -> Profile:
         return replace(self, version=version, release=release, **changes)
@@ -42,18 +93,41 @@ class Profile:
 
 LINUX_4_15 = Profile(
     version="4.15", release="4.15.0",
-    immediate=True, register_api=True, stacking_rule=True, reenable=True,
-    sysfs_signal=False, sysfs_force=False, forced_global=False,
+    immediate=True, register_api=True, stacking_rule=True, atomic_replace=False, system_states=False,
+    no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128,
+    sysfs_signal=False, sysfs_force=False, force_marks=FORCE_NONE, auto_signals=False,
+    stack_check_in_try_switch=False, idle_kick=False, cond_resched_switch=False,
+    replaced_freed_after_callbacks=False,
+    sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
+    shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
 )
 
 LINUX_4_16 = LINUX_4_15.derive(
     "4.16", "4.16.13",
-    immediate=False, sysfs_signal=True, sysfs_force=True, forced_global=True,
+    immediate=False, no_reliable_stack=ENOSYS, sysfs_signal=True, sysfs_force=True, force_marks=FORCE_GLOBAL,
 )
 
-PROFILES: dict[str, Profile] = {p.version: p for p in (LINUX_4_15, LINUX_4_16)}
+LINUX_5_1 = LINUX_4_16.derive(
+    "5.1", "5.1.21",
+    register_api=False, stacking_rule=False, atomic_replace=True, no_reliable_stack=EOPNOTSUPP,
+    name_limits=True, sysfs_signal=False, force_marks=FORCE_LISTED, auto_signals=True, shadow_ctor_dtor=True,
+)
+
+LINUX_6_1 = LINUX_5_1.derive(
+    "6.1", "6.1.0",
+    system_states=True, no_reliable_stack=WARN, ksym_name_len=512, force_marks=FORCE_REMOVED,
+    stack_check_in_try_switch=True, idle_kick=True, replaced_freed_after_callbacks=True,
+    sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
+)
+
+LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.0", cond_resched_switch=True, sysfs_replace=True)
+
+LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0", sysfs_stack_order=True)
+
+PROFILES: dict[str, Profile] = {p.version: p for p in (LINUX_4_15, LINUX_4_16, LINUX_5_1, LINUX_6_1,
+                                                       LINUX_6_11, LINUX_6_14)}
 DEFAULT = LINUX_4_15.version
-LATEST = LINUX_4_16.version
+LATEST = LINUX_6_14.version
 
 
 def get_profile(version: str) -> Profile:

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from klpfs.kernel.kstrtox import kstrtobool
-from klpfs.kernel.module import ModuleState
+from klpfs.kernel.module import MODULE_NAME_LEN, ModuleState
 from klpfs.kernel.printk import KERN_ERR, KERN_NOTICE, KERN_WARNING
 from klpfs.kernel.sched import TIF_PATCH_PENDING
 from klpfs.kernel.timers import DelayedWork
 from klpfs.livepatch.callbacks import (
     klp_post_patch_callback, klp_post_unpatch_callback, klp_pre_patch_callback, klp_pre_unpatch_callback)
-from klpfs.livepatch.patch import klp_patch_object, klp_unpatch_object
+from klpfs.livepatch.patch import klp_patch_object, klp_unpatch_func, klp_unpatch_object, klp_unpatch_objects
 from klpfs.livepatch.shadow import KlpShadow
 from klpfs.livepatch.structs import (
     KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch, klp_is_module,
@@ -29,6 +29,8 @@ from klpfs.livepatch.transition import (
     klp_cancel_transition, klp_force_transition, klp_init_transition, klp_reverse_transition,
     klp_send_signals, klp_start_transition, klp_transition_work_fn, klp_try_complete_transition,
     klp_update_patch_state)
+from klpfs.livepatch.state import klp_is_patch_compatible
+from klpfs.profiles import ENOSYS, ENOSYS_UNLESS_IMMEDIATE, EOPNOTSUPP
 from klpfs.sysfs.kobject import MODE_RO, MODE_RW, MODE_WO, Attribute, kobject_add
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ class Livepatch:
         self.klp_transition_patch: KlpPatch | None = None
         self.klp_target_state = KLP_UNDEFINED
         self.klp_forced = False
+        """4.16's global flag: after any forced transition no patch module is released."""
+        self.klp_signals_cnt = 0
         self.shadow = KlpShadow(kernel)
         self.klp_transition_work = DelayedWork(kernel.timers, lambda: klp_transition_work_fn(self))
         # klp_init: /sys/kernel/livepatch, then the places the kernel calls us.
@@ -102,35 +106,78 @@ class Livepatch:
 
     # -- registration (§3) -----------------------------------------------------------
 
-    def klp_register_patch(self, patch: KlpPatch) -> int:
-        if patch is None or patch.mod is None:
-            return -errno.EINVAL
+    def _check_livepatch_module(self, patch: KlpPatch) -> int:
+        """The module must be marked, and the arch able to check stacks (§3.1, §12.4)."""
+        assert patch.mod is not None
         if not patch.mod.livepatch:
             self.pr(KERN_ERR, f"module {patch.mod.name} is not marked as a livepatch module")
             return -errno.EINVAL
-        if not self.reliable_stacks and not self.immediate(patch):
-            self.pr(KERN_ERR, "This architecture doesn't have support for the livepatch consistency model.")
+        if self.reliable_stacks:
+            return 0
+        policy = self.profile.no_reliable_stack
+        if policy == ENOSYS_UNLESS_IMMEDIATE and self.immediate(patch):
+            return 0
+        self.pr(KERN_ERR if policy != "warn" else KERN_WARNING,
+                "This architecture doesn't have support for the livepatch consistency model.")
+        if policy in (ENOSYS, ENOSYS_UNLESS_IMMEDIATE):
             return -errno.ENOSYS
-        return self._klp_init_patch(patch)
+        if policy == EOPNOTSUPP:
+            return -errno.EOPNOTSUPP
+        self.pr(KERN_WARNING, "The livepatch transition may never complete.")
+        return 0
 
-    def _klp_init_patch(self, patch: KlpPatch) -> int:
+    def klp_register_patch(self, patch: KlpPatch) -> int:
+        """4.x: build the sysfs tree and put the patch on the list, disabled (§3)."""
+        if patch is None or patch.mod is None:
+            return -errno.EINVAL
+        ret = self._check_livepatch_module(patch)
+        if ret:
+            return ret
         if patch.objs is None:
             return -errno.EINVAL
+        ret = self._klp_init_patch(patch)
+        if ret:
+            self._klp_free_objects(patch.objs)
+            self._remove_kobj(patch)
+        return ret
+
+    def _klp_init_patch(self, patch: KlpPatch) -> int:
+        """The sysfs tree (with nops for a replace patch), then onto the list's tail.
+
+        On failure the caller frees what was made.
+        """
+        assert patch.objs is not None
         patch.enabled = False
         kobj = kobject_add(self.kernfs, self.klp_root_kobj, patch.name, self.kernel.printk,
                            self._patch_attrs(patch))
         if isinstance(kobj, int):
             return kobj
         patch.kobj = kobj
-        for i, obj in enumerate(patch.objs):
+        if patch.replace:
+            self._klp_add_nops(patch)
+        for obj in patch.objs:
             ret = self._klp_init_object(patch, obj)
             if ret:
-                self._klp_free_objects(patch.objs[:i])
-                self.kernfs.remove(kobj)
-                patch.kobj = None
                 return ret
         self.klp_patches.append(patch)
         return 0
+
+    def _klp_add_nops(self, patch: KlpPatch) -> None:
+        """Atomic replace: a nop for every function an older patch changes and this
+        one does not, in a dynamic object where this patch has none (§12.4)."""
+        assert patch.objs is not None
+        for old in self.klp_patches:
+            for old_obj in old.objs or ():
+                obj = next((o for o in patch.objs if o.name == old_obj.name), None)
+                if obj is None:
+                    obj = KlpObject(old_obj.name, [], dynamic=True)
+                    patch.objs.append(obj)
+                assert obj.funcs is not None
+                for old_func in old_obj.funcs or ():
+                    if any(f.old_name == old_func.old_name and f.old_sympos == old_func.old_sympos
+                           for f in obj.funcs):
+                        continue
+                    obj.funcs.append(KlpFunc(old_func.old_name, None, old_func.old_sympos, nop=True))
 
     def _patch_attrs(self, patch: KlpPatch) -> Iterator[Attribute]:
         yield Attribute("enabled", MODE_RW, lambda: f"{int(patch.enabled)}\n",
@@ -142,9 +189,29 @@ class Livepatch:
         if self.profile.sysfs_force:
             yield Attribute("force", MODE_WO, store=lambda buf: self._transition_action_store(
                 patch, buf, klp_force_transition))
+        if self.profile.sysfs_replace:
+            yield Attribute("replace", MODE_RO, lambda: f"{int(patch.replace)}\n")
+        if self.profile.sysfs_stack_order:
+            yield Attribute("stack_order", MODE_RO, lambda: f"{self._stack_order(patch)}\n")
+
+    def _stack_order(self, patch: KlpPatch) -> int:
+        """1-based position on the list, oldest first; a patch already off the
+        list (being freed) counts them all, as the kernel's loop does."""
+        order = 0
+        for p in self.klp_patches:
+            order += 1
+            if p is patch:
+                break
+        return order
+
+    def _object_attrs(self, obj: KlpObject) -> Iterator[Attribute]:
+        if self.profile.sysfs_patched:
+            yield Attribute("patched", MODE_RO, lambda: f"{int(obj.patched)}\n")
 
     def _klp_init_object(self, patch: KlpPatch, obj: KlpObject) -> int:
         if obj.funcs is None:
+            return -errno.EINVAL
+        if self.profile.name_limits and obj.name is not None and len(obj.name) >= MODULE_NAME_LEN:
             return -errno.EINVAL
         obj.patched = False
         obj.mod = None
@@ -153,24 +220,23 @@ class Livepatch:
             if mod is not None and mod.klp_alive:
                 obj.mod = mod
         assert patch.kobj is not None
-        kobj = kobject_add(self.kernfs, patch.kobj, obj.display_name, self.kernel.printk)
+        kobj = kobject_add(self.kernfs, patch.kobj, obj.display_name, self.kernel.printk,
+                           self._object_attrs(obj))
         if isinstance(kobj, int):
             return kobj
         obj.kobj = kobj
         for func in obj.funcs:
             ret = self._klp_init_func(obj, func)
             if ret:
-                self._klp_free_object(obj)
                 return ret
         if klp_is_object_loaded(obj):
-            ret = self._klp_init_object_loaded(patch, obj)
-            if ret:
-                self._klp_free_object(obj)
-                return ret
+            return self._klp_init_object_loaded(patch, obj)
         return 0
 
     def _klp_init_func(self, obj: KlpObject, func: KlpFunc) -> int:
-        if func.old_name is None or func.new_func is None:
+        if func.old_name is None or (func.new_func is None and not func.nop):
+            return -errno.EINVAL
+        if self.profile.name_limits and len(func.old_name) >= self.profile.ksym_name_len:
             return -errno.EINVAL
         func.patched = False
         func.transition = False
@@ -185,7 +251,7 @@ class Livepatch:
         """Resolve old_addr and the sizes of every func of a loaded object (§3.5)."""
         kallsyms = self.kernel.kallsyms
         for func in obj.funcs or ():
-            assert func.old_name is not None and func.new_func is not None
+            assert func.old_name is not None
             addr = self.klp_find_object_symbol(obj.name, func.old_name, func.old_sympos)
             if addr < 0:
                 return addr
@@ -195,6 +261,9 @@ class Livepatch:
                 self.pr(KERN_ERR, f"kallsyms size lookup failed for '{func.old_name}'")
                 return -errno.ENOENT
             func.old_size = old.size
+            if func.nop:
+                func.new_func = old
+            assert func.new_func is not None
             new = kallsyms.lookup(func.new_func.addr)
             if new is None:
                 self.pr(KERN_ERR, f"kallsyms size lookup failed for '{func.old_name}' replacement")
@@ -203,6 +272,7 @@ class Livepatch:
         return 0
 
     def _klp_free_object(self, obj: KlpObject) -> None:
+        """The object's function directories, then its own."""
         if obj.kobj is not None:
             self.kernfs.remove(obj.kobj)
         obj.kobj = None
@@ -212,6 +282,54 @@ class Livepatch:
     def _klp_free_objects(self, objs: list[KlpObject]) -> None:
         for obj in objs:
             self._klp_free_object(obj)
+
+    def _remove_kobj(self, patch: KlpPatch) -> None:
+        if patch.kobj is not None:
+            self.kernfs.remove(patch.kobj)
+            patch.kobj = None
+
+    def klp_free_patch_start(self, patch: KlpPatch) -> None:
+        """5.1+: off the list, object and function directories gone."""
+        if patch in self.klp_patches:
+            self.klp_patches.remove(patch)
+        self._klp_free_objects(patch.objs or [])
+
+    def klp_free_patch_finish(self, patch: KlpPatch) -> None:
+        """5.1+: the patch directory goes, then the module is released unless forced."""
+        self._remove_kobj(patch)
+        if not patch.forced:
+            assert patch.mod is not None
+            self.kernel.modules.module_put(patch.mod)
+
+    def klp_free_patch_async(self, patch: KlpPatch) -> None:
+        """Start now; the rest from a work item, right after the current operation."""
+        self.klp_free_patch_start(patch)
+        self.kernel.timers.call_later(0, lambda: self.klp_free_patch_finish(patch))
+
+    def klp_free_replaced_patches_async(self, new_patch: KlpPatch) -> None:
+        for old in [p for p in self.klp_patches if p is not new_patch]:
+            self.klp_free_patch_async(old)
+
+    def klp_unpatch_replaced_patches(self, new_patch: KlpPatch) -> None:
+        for old in self.klp_patches:
+            if old is new_patch:
+                break
+            old.enabled = False
+            klp_unpatch_objects(self, old)
+
+    def klp_discard_nops(self, patch: KlpPatch) -> None:
+        """Once a replace patch is in place its nops and dynamic objects go (§12.4)."""
+        assert patch.objs is not None
+        for obj in list(patch.objs):
+            assert obj.funcs is not None
+            for func in [f for f in obj.funcs if f.nop]:
+                klp_unpatch_func(self, func)
+                if func.kobj is not None:
+                    self.kernfs.remove(func.kobj)
+                obj.funcs.remove(func)
+            if obj.dynamic:
+                self._klp_free_object(obj)
+                patch.objs.remove(obj)
 
     def klp_unregister_patch(self, patch: KlpPatch) -> int:
         """Only `enabled` is checked, so an unpatching transition does not stop it (§4.4)."""
@@ -229,9 +347,34 @@ class Livepatch:
     # -- enable / disable (§4) ------------------------------------------------------------
 
     def klp_enable_patch(self, patch: KlpPatch) -> int:
-        if not self.klp_is_patch_registered(patch):
+        """4.x: enable a registered patch.  5.1+: the whole job, from the module's
+        init: check, take the module, build the tree, enable; on any error the
+        patch is freed again (§12.4)."""
+        if self.profile.register_api:
+            if not self.klp_is_patch_registered(patch):
+                return -errno.EINVAL
+            return self._klp_enable_patch(patch)
+        if patch is None or patch.mod is None or patch.objs is None:
             return -errno.EINVAL
-        return self._klp_enable_patch(patch)
+        if any(obj.funcs is None for obj in patch.objs):
+            return -errno.EINVAL
+        ret = self._check_livepatch_module(patch)
+        if ret:
+            return ret
+        if self.profile.system_states and not klp_is_patch_compatible(self, patch):
+            self.pr(KERN_ERR, f"Livepatch patch ({patch.name}) is not compatible with the "
+                              "already installed livepatches.")
+            return -errno.EINVAL
+        if not self.kernel.modules.try_module_get(patch.mod):
+            return -errno.ENODEV
+        patch.forced = False
+        ret = self._klp_init_patch(patch)
+        if ret == 0:
+            ret = self._klp_enable_patch(patch)
+        if ret:
+            self.klp_free_patch_start(patch)
+            self.klp_free_patch_finish(patch)
+        return ret
 
     def _klp_enable_patch(self, patch: KlpPatch) -> int:
         if self.klp_transition_patch is not None:
@@ -243,7 +386,8 @@ class Livepatch:
             if i > 0 and not self.klp_patches[i - 1].enabled:
                 return -errno.EBUSY
         assert patch.mod is not None
-        if not self.kernel.modules.try_module_get(patch.mod):
+        # 5.1+ took the module reference before building the patch.
+        if self.profile.register_api and not self.kernel.modules.try_module_get(patch.mod):
             return -errno.ENODEV
         self.pr(KERN_NOTICE, f"enabling patch '{patch.name}'")
         klp_init_transition(self, patch, KLP_PATCHED)
@@ -259,8 +403,8 @@ class Livepatch:
                 self.pr(KERN_WARNING, f"failed to patch object '{obj.display_name}'")
                 return self._enable_failed(patch, ret)
         klp_start_transition(self)
-        klp_try_complete_transition(self)
         patch.enabled = True
+        klp_try_complete_transition(self)
         return 0
 
     def _enable_failed(self, patch: KlpPatch, ret: int) -> int:
@@ -269,6 +413,7 @@ class Livepatch:
         return ret
 
     def klp_disable_patch(self, patch: KlpPatch) -> int:
+        """The 4.x API (5.1 removed it: patches are disabled through sysfs)."""
         if not self.klp_is_patch_registered(patch):
             return -errno.EINVAL
         if not patch.enabled:
@@ -289,8 +434,8 @@ class Livepatch:
             if obj.patched:
                 klp_pre_unpatch_callback(obj)
         klp_start_transition(self)
-        klp_try_complete_transition(self)
         patch.enabled = False
+        klp_try_complete_transition(self)
         return 0
 
     # -- sysfs stores (§2.4, §2.6) ---------------------------------------------------------
@@ -307,6 +452,7 @@ class Livepatch:
             klp_reverse_transition(self)
             ret = 0
         elif enabled:
+            # 5.1+: a disabled patch is on its way to being freed; reload the module instead.
             ret = self._klp_enable_patch(patch) if self.profile.reenable else -errno.EINVAL
         else:
             ret = self._klp_disable_patch(patch)
@@ -337,6 +483,9 @@ class Livepatch:
 
     def klp_module_coming(self, mod: Module) -> int:
         if mod.state is not ModuleState.COMING:
+            return -errno.EINVAL
+        if self.profile.vmlinux_name_check and mod.name == "vmlinux":
+            self.pr(KERN_ERR, "vmlinux.ko: invalid module name")
             return -errno.EINVAL
         mod.klp_alive = True
         for patch in self.klp_patches:

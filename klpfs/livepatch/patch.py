@@ -32,6 +32,8 @@ def klp_ftrace_handler(ops: KlpOps, ip: int, task: Task) -> int | None:
         if len(ops.func_stack) == 1:
             return None
         func = ops.func_stack[1]
+    if func.nop:
+        return None
     assert func.new_func is not None
     return func.new_func.addr
 

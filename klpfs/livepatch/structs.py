@@ -37,6 +37,8 @@ class KlpFunc:
     kobj: KernfsNode | None = None
     patched: bool = False
     transition: bool = False
+    nop: bool = False
+    """An atomic-replace placeholder: runs the original function (5.1, §12.4)."""
 
     @property
     def kobj_name(self) -> str:
@@ -64,6 +66,8 @@ class KlpObject:
     kobj: KernfsNode | None = None
     mod: Module | None = None
     patched: bool = False
+    dynamic: bool = False
+    """Allocated by atomic replace to hold nops for an object the patch does not name."""
 
     @property
     def display_name(self) -> str:
@@ -72,13 +76,26 @@ class KlpObject:
 
 
 @dataclass(eq=False)
+class KlpState:
+    """A system state a patch establishes or takes over (5.5)."""
+
+    id: int
+    version: int
+    data: object = None
+
+
+@dataclass(eq=False)
 class KlpPatch:
     mod: Module | None
     objs: list[KlpObject] | None
     immediate: bool = False
+    replace: bool = False
+    states: list[KlpState] = field(default_factory=list)
 
     kobj: KernfsNode | None = None
     enabled: bool = False
+    forced: bool = False
+    """This patch's module is never released (5.1's per-patch klp_forced)."""
 
     @property
     def name(self) -> str:

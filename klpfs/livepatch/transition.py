@@ -19,10 +19,14 @@ from klpfs.livepatch.patch import klp_find_ops, klp_unpatch_objects
 from klpfs.livepatch.structs import (
     KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, MAX_STACK_ENTRIES, STACK_ERR_BUF_SIZE, KlpFunc, KlpPatch,
     klp_is_object_loaded)
+from klpfs.profiles import FORCE_GLOBAL, FORCE_LISTED
 
 if TYPE_CHECKING:
     from klpfs.kernel.sched import Task
     from klpfs.livepatch.core import Livepatch
+
+
+SIGNALS_TIMEOUT = 15
 
 
 def _direction(state: int) -> str:
@@ -35,6 +39,11 @@ def klp_complete_transition(lp: Livepatch) -> None:
     assert patch is not None
     target = lp.klp_target_state
     lp.pr(KERN_DEBUG, f"'{patch.name}': completing {_direction(target)} transition")
+    if patch.replace and target == KLP_PATCHED:
+        lp.klp_unpatch_replaced_patches(patch)
+        if not lp.profile.replaced_freed_after_callbacks:
+            lp.klp_free_replaced_patches_async(patch)
+        lp.klp_discard_nops(patch)
     if target == KLP_UNPATCHED:
         klp_unpatch_objects(lp, patch)
     immediate_func = False
@@ -53,9 +62,11 @@ def klp_complete_transition(lp: Livepatch) -> None:
         else:
             klp_post_unpatch_callback(obj)
     lp.pr(KERN_NOTICE, f"'{patch.name}': {_direction(target)} complete")
-    # §4.5/§8.11: immediate patches, and after any forced transition
-    # (4.16's global klp_forced), the module reference is never dropped.
-    if target == KLP_UNPATCHED and not lp.immediate(patch) and not immediate_func and not lp.klp_forced:
+    # §4.5/§8.11: with registered patches (4.x) the module is released here,
+    # except for immediate patches and after any forced transition (4.16's
+    # global klp_forced).  From 5.1 the free path releases it (§12.4).
+    if (lp.profile.register_api and target == KLP_UNPATCHED and not lp.immediate(patch)
+            and not immediate_func and not lp.klp_forced):
         assert patch.mod is not None
         lp.kernel.modules.module_put(patch.mod)
     lp.klp_target_state = KLP_UNDEFINED
@@ -149,9 +160,19 @@ def klp_try_complete_transition(lp: Livepatch) -> None:
                 idle.flags.discard(TIF_PATCH_PENDING)
                 idle.patch_state = lp.klp_target_state
         if not complete:
+            # 5.1+: fake signals every SIGNALS_TIMEOUT unsuccessful attempts.
+            if lp.profile.auto_signals:
+                if lp.klp_signals_cnt and not lp.klp_signals_cnt % SIGNALS_TIMEOUT:
+                    klp_send_signals(lp)
+                lp.klp_signals_cnt += 1
             lp.klp_transition_work.schedule(round_jiffies_relative(lp.kernel.now(), 1.0))
             return
     klp_complete_transition(lp)
+    if not lp.profile.register_api:
+        if not patch.enabled:
+            lp.klp_free_patch_async(patch)
+        elif patch.replace and lp.profile.replaced_freed_after_callbacks:
+            lp.klp_free_replaced_patches_async(patch)
 
 
 def klp_start_transition(lp: Livepatch) -> None:
@@ -159,6 +180,7 @@ def klp_start_transition(lp: Livepatch) -> None:
     patch = lp.klp_transition_patch
     assert patch is not None
     lp.pr(KERN_NOTICE, f"'{patch.name}': starting {_direction(lp.klp_target_state)} transition")
+    lp.klp_signals_cnt = 0
     if lp.immediate(patch):
         return
     sched = lp.kernel.sched
@@ -195,8 +217,12 @@ def klp_reverse_transition(lp: Livepatch) -> None:
 
 
 def klp_send_signals(lp: Livepatch) -> None:
-    """Nudge the tasks still pending (§8.10): wake kthreads, fake-signal user tasks."""
-    lp.pr(KERN_NOTICE, "signaling remaining tasks")
+    """Nudge the tasks still pending (§8.10): wake kthreads, fake-signal user tasks.
+
+    The automatic rounds of 5.1+ announce only the first (§12.4).
+    """
+    if not lp.profile.auto_signals or lp.klp_signals_cnt == SIGNALS_TIMEOUT:
+        lp.pr(KERN_NOTICE, "signaling remaining tasks")
     sched = lp.kernel.sched
     for task in sched.user_and_kthreads():
         if TIF_PATCH_PENDING not in task.flags:
@@ -212,7 +238,20 @@ def klp_force_transition(lp: Livepatch) -> None:
     lp.pr(KERN_WARNING, "forcing remaining tasks to the patched state")
     for task in lp.kernel.sched.all_tasks():
         klp_update_patch_state(lp, task)
-    lp.klp_forced = True
+    patch = lp.klp_transition_patch
+    assert patch is not None
+    marks = lp.profile.force_marks
+    if marks == FORCE_GLOBAL:
+        lp.klp_forced = True
+    elif marks == FORCE_LISTED:
+        for p in lp.klp_patches:
+            p.forced = True
+    elif lp.klp_target_state == KLP_UNPATCHED:
+        patch.forced = True
+    elif patch.replace:
+        for p in lp.klp_patches:
+            if p is not patch:
+                p.forced = True
 
 
 def klp_transition_work_fn(lp: Livepatch) -> None:

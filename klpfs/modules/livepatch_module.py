@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from klpfs.kernel.kallsyms import FuncDef
 from klpfs.kernel.module import Module
 from klpfs.kernel.printk import KERN_NOTICE
-from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch
+from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
 
 if TYPE_CHECKING:
     from klpfs.livepatch.core import Livepatch
@@ -43,7 +43,8 @@ class ObjectSpec:
     callbacks: dict[str, Callback] = field(default_factory=dict)
 
 
-def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool) -> KlpPatch:
+def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool = False, replace: bool = False,
+                    states: list[KlpState] | None = None) -> KlpPatch:
     """The module's static klp_patch, with new_func pointing at its own functions."""
     syms = {sym.name: sym for sym in mod.symbols}
     klp_objs = []
@@ -51,12 +52,15 @@ def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool) -> Klp
         funcs = [KlpFunc(f.old_name, syms.get(f.new_func), f.old_sympos, f.immediate) for f in o.funcs]
         callbacks = KlpCallbacks(**{name: _bind(cb, mod) for name, cb in o.callbacks.items()})
         klp_objs.append(KlpObject(o.name, funcs, callbacks))
-    return KlpPatch(mod, klp_objs, immediate=immediate)
+    return KlpPatch(mod, klp_objs, immediate=immediate, replace=replace, states=list(states or []))
 
 
 def klp_sample_init(lp: Livepatch, mod: Module, patch: KlpPatch) -> int:
-    """The samples' module_init: register then enable; a failed enable unregisters."""
+    """The samples' module_init: from 5.1 just klp_enable_patch(); before,
+    register then enable, and a failed enable unregisters."""
     mod.data["patch"] = patch
+    if not lp.profile.register_api:
+        return lp.klp_enable_patch(patch)
     if lp.profile.immediate and not lp.reliable_stacks and not lp.immediate(patch):
         lp.kernel.printk(KERN_NOTICE, f"{mod.name}: The consistency model isn't supported for your "
                                       "architecture.  Bypassing safety mechanisms and applying the "
@@ -72,8 +76,9 @@ def klp_sample_init(lp: Livepatch, mod: Module, patch: KlpPatch) -> int:
 
 
 def klp_sample_exit(lp: Livepatch, mod: Module) -> None:
-    """The samples' module_exit: unregister."""
-    lp.klp_unregister_patch(mod.data["patch"])
+    """The samples' module_exit: unregister (4.x; from 5.1 there is nothing to do)."""
+    if lp.profile.register_api:
+        lp.klp_unregister_patch(mod.data["patch"])
 
 
 @dataclass
@@ -83,11 +88,15 @@ class PatchModuleSpec:
     objs: list[ObjectSpec]
     immediate: bool = False
     livepatch: bool = True
+    replace: bool = False
+    states: list[tuple[int, int]] = field(default_factory=list)
+    """(id, version) of each klp_state."""
 
     def build(self, lp: Livepatch) -> Module:
         """A Module ready for the loader."""
         mod = Module(self.name, list(self.functions), livepatch=self.livepatch)
-        mod.init = lambda m: klp_sample_init(lp, m, build_klp_patch(m, self.objs, self.immediate))
+        mod.init = lambda m: klp_sample_init(lp, m, build_klp_patch(
+            m, self.objs, self.immediate, self.replace, [KlpState(i, v) for i, v in self.states]))
         mod.exit = lambda m: klp_sample_exit(lp, m)
         return mod
 
