@@ -61,8 +61,6 @@ class Profile:
     """Fake signals every 15 unsuccessful retries, the first round announced (5.1 on)."""
     stack_check_in_try_switch: bool
     """All per-task debug lines name klp_try_switch_task (5.16 on, 6.1 observed)."""
-    idle_kick: bool
-    """An idle CPU whose idle task could not switch is kicked (wake_up_if_idle, 5.16 on)."""
     cond_resched_switch: bool
     """A busy kthread switches itself at cond_resched() when it is not in patched code (6.4 to 6.15)."""
     replaced_freed_after_callbacks: bool
@@ -96,7 +94,7 @@ LINUX_4_15 = Profile(
     immediate=True, register_api=True, stacking_rule=True, atomic_replace=False, system_states=False,
     no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128,
     sysfs_signal=False, sysfs_force=False, force_marks=FORCE_NONE, auto_signals=False,
-    stack_check_in_try_switch=False, idle_kick=False, cond_resched_switch=False,
+    stack_check_in_try_switch=False, cond_resched_switch=False,
     replaced_freed_after_callbacks=False,
     sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
     shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
@@ -116,7 +114,7 @@ LINUX_5_1 = LINUX_4_16.derive(
 LINUX_6_1 = LINUX_5_1.derive(
     "6.1", "6.1.0",
     system_states=True, no_reliable_stack=WARN, ksym_name_len=512, force_marks=FORCE_REMOVED,
-    stack_check_in_try_switch=True, idle_kick=True, replaced_freed_after_callbacks=True,
+    stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
 )
 

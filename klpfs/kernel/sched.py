@@ -106,6 +106,9 @@ class Sched:
         self.cpu_online = [True] * nr_cpus
         self.exit_work: dict[str, Callable[[Task], None]] = {}
         """Flag -> handler run on return to user space and in the idle loop."""
+        self.resched_work: dict[str, Callable[[Task], None]] = {}
+        """Flag -> handler a busy kthread runs at cond_resched(); it keeps running
+        it every tick while the flag stays set."""
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
         self._next_pid = 1
@@ -308,20 +311,32 @@ class Sched:
                 handler(task)
         task.flags.discard(TIF_SIGPENDING)
 
-    def _arm_tick(self, task: Task) -> None:
-        if task._tick is None and self._at_switch_point_soon(task) and any(
-                flag in self.exit_work for flag in task.flags):
-            task._tick = self._timers.call_later(TICK, lambda: self._tick_fired(task))
-
-    def _at_switch_point_soon(self, task: Task) -> bool:
+    def _work_for(self, task: Task) -> dict[str, Callable[[Task], None]]:
+        """The flag handlers this task will run within a tick, if any."""
         if task.kind is TaskKind.IDLE:
-            return self.idle_running(task)
-        return task.in_user
+            return self.exit_work if self.idle_running(task) else {}
+        if task.in_user:
+            return self.exit_work
+        if task.kind is TaskKind.KTHREAD and task.state == TASK_RUNNING:
+            return self.resched_work
+        return {}
+
+    def _arm_tick(self, task: Task) -> None:
+        if task._tick is None and any(flag in self._work_for(task) for flag in task.flags):
+            task._tick = self._timers.call_later(TICK, lambda: self._tick_fired(task))
 
     def _tick_fired(self, task: Task) -> None:
         task._tick = None
-        if not task.exited and self._at_switch_point_soon(task):
+        if task.exited:
+            return
+        work = self._work_for(task)
+        if work is self.exit_work:
             self._return_to_user(task)
+        else:
+            for flag in list(task.flags):
+                if flag in work:
+                    work[flag](task)
+            self._arm_tick(task)
 
     def _cancel_tick(self, task: Task) -> None:
         if task._tick is not None:

@@ -26,7 +26,7 @@ from klpfs.livepatch.structs import (
     KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch, klp_is_module,
     klp_is_object_loaded)
 from klpfs.livepatch.transition import (
-    klp_cancel_transition, klp_force_transition, klp_init_transition, klp_reverse_transition,
+    klp_cancel_transition, klp_cond_resched_switch, klp_force_transition, klp_init_transition, klp_reverse_transition,
     klp_send_signals, klp_start_transition, klp_transition_work_fn, klp_try_complete_transition,
     klp_update_patch_state)
 from klpfs.livepatch.state import klp_is_patch_compatible
@@ -64,6 +64,8 @@ class Livepatch:
         kernel.modules.klp_coming = self.klp_module_coming
         kernel.modules.klp_going = self.klp_module_going
         kernel.sched.exit_work[TIF_PATCH_PENDING] = lambda task: klp_update_patch_state(self, task)
+        if profile.cond_resched_switch:
+            kernel.sched.resched_work[TIF_PATCH_PENDING] = lambda task: klp_cond_resched_switch(self, task)
 
     def pr(self, level: int, text: str) -> None:
         """pr_*() with this subsystem's pr_fmt prefix."""

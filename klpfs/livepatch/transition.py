@@ -144,6 +144,20 @@ def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
     return True
 
 
+def klp_cond_resched_switch(lp: Livepatch, task: Task) -> None:
+    """6.4-6.15: a busy task with the pending flag checks its own stack at
+    cond_resched() and switches unless it is in the code being replaced.
+
+    The kernel would print the per-task debug line on every failed check,
+    hundreds a second; the emulator stays quiet here.
+    """
+    if lp.klp_transition_patch is None or TIF_PATCH_PENDING not in task.flags:
+        return
+    if klp_check_stack(lp, task) is None:
+        task.flags.discard(TIF_PATCH_PENDING)
+        task.patch_state = lp.klp_target_state
+
+
 def klp_try_complete_transition(lp: Livepatch) -> None:
     """Try every task and idle task once; complete, or retry next second (§8.5)."""
     patch = lp.klp_transition_patch
