@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import string
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klpfs.kernel.kallsyms import FuncDef
 from klpfs.kernel.module import MODULE_NAME_LEN
 from klpfs.kernel.printk import KERN_ERR, KERN_INFO, KERN_NOTICE, KERN_WARNING
 from klpfs.kernel.sched import TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE
@@ -24,9 +24,11 @@ from klpfs.modules.livepatch_module import CALLBACK_NAMES
 PARAM_PYTHON_TYPES = {"int": int, "bool": bool, "charp": str}
 LEVELS = {"err": KERN_ERR, "warn": KERN_WARNING, "notice": KERN_NOTICE, "info": KERN_INFO}
 STEP_VERBS = ("log", "output", "sleep", "new", "call", "for_each", "shadow_alloc",
-              "shadow_get_or_alloc", "shadow_free", "shadow_free_all", "if_shadow")
+              "shadow_get_or_alloc", "shadow_free", "shadow_free_all", "if_shadow", "if_prev_state")
 STEP_MODIFIERS = {"log": {"level"}, "sleep": {"state"}, "new": {"expires"}, "for_each": {"expired", "do"},
-                  "shadow_free": {"dtor_log"}, "shadow_free_all": {"dtor_log"}, "if_shadow": {"then", "else"}}
+                  "shadow_alloc": {"ctor_ret"}, "shadow_get_or_alloc": {"ctor_ret"},
+                  "shadow_free": {"dtor_log"}, "shadow_free_all": {"dtor_log"}, "if_shadow": {"then", "else"},
+                  "if_prev_state": {"then", "else"}}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -104,9 +106,15 @@ class ModuleFile:
     objs: list[ObjectFile] | None = None
     immediate: bool = False
     replace: bool = False
+    states: list[tuple[int, int]] = field(default_factory=list)
+    """(id, version) of each klp_state the patch carries."""
 
-    def func_defs(self) -> list[FuncDef]:
-        return [FuncDef(f.name, f.size, traceable=not f.notrace) for f in self.functions]
+    def all_steps(self) -> Iterator[p.Step]:
+        """Every step of every function, init, exit and callback, nested ones included."""
+        lists = [f.steps for f in self.functions] + [self.init_steps, self.exit_steps]
+        lists += [cb.steps for obj in self.objs or () for cb in obj.callbacks.values()]
+        for steps in lists:
+            yield from p.walk(steps)
 
 
 def module_name_from_path(path: Path) -> str:
@@ -248,13 +256,16 @@ class _Parser:
                              self.steps(raw.get("do", []), f"{where}.do", False))
         shadow_id = self.get(raw, verb, where, int)
         if verb in ("shadow_alloc", "shadow_get_or_alloc"):
-            return p.ShadowAlloc(shadow_id, or_get=verb == "shadow_get_or_alloc")
+            ctor_ret = raw.get("ctor_ret")
+            return p.ShadowAlloc(shadow_id, verb == "shadow_get_or_alloc",
+                                 None if ctor_ret is None else self.value(ctor_ret, f"{where}.ctor_ret"))
         if verb in ("shadow_free", "shadow_free_all"):
             dtor_log = raw.get("dtor_log")
             return p.ShadowFree(shadow_id, verb == "shadow_free_all",
                                 None if dtor_log is None else self.template(dtor_log, f"{where}.dtor_log"))
-        return p.IfShadow(shadow_id, self.steps(raw.get("then", []), f"{where}.then", False),
-                          self.steps(raw.get("else", []), f"{where}.else", False))
+        branch = p.IfShadow if verb == "if_shadow" else p.IfPrevState
+        return branch(shadow_id, self.steps(raw.get("then", []), f"{where}.then", False),
+                      self.steps(raw.get("else", []), f"{where}.else", False))
 
     # -- sections ----------------------------------------------------------------------
 
@@ -357,9 +368,23 @@ class _Parser:
     def parse_patch(self, raw: Any, mf: ModuleFile) -> None:
         if not isinstance(raw, dict):
             raise self.error("patch", "must be a table")
-        self.keys(raw, "patch", {"immediate", "replace", "object"})
+        self.keys(raw, "patch", {"immediate", "replace", "object", "state"})
         mf.immediate = self.get(raw, "immediate", "patch", bool, False)
         mf.replace = self.get(raw, "replace", "patch", bool, False)
+        for i, state in enumerate(self.get(raw, "state", "patch", list, [])):
+            where = f"patch.state[{i}]"
+            if not isinstance(state, dict):
+                raise self.error(where, "must be a table such as { id = 1, version = 1 }")
+            self.keys(state, where, {"id", "version"})
+            state_id = self.get(state, "id", where, int, required=True)
+            if state_id <= 0:
+                raise self.error(f"{where}.id", "must be positive (0 ends the kernel's states array)")
+            if any(sid == state_id for sid, _ in mf.states):
+                raise self.error(f"{where}.id", f"state {state_id} is listed twice")
+            version = self.get(state, "version", where, int, 0)
+            if version < 0:
+                raise self.error(f"{where}.version", "must not be negative")
+            mf.states.append((state_id, version))
         objects = self.get(raw, "object", "patch", list, [])
         if not objects:
             raise self.error("patch.object", "a patch needs at least one [[patch.object]]")

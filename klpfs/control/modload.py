@@ -16,7 +16,7 @@ from klpfs.kernel.module import MODULE_STATE_TEXT, Module
 from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
 from klpfs.kernel.sched import TaskKind
 from klpfs.kernel.timers import Timer
-from klpfs.livepatch.structs import KlpObject
+from klpfs.livepatch.structs import KlpObject, KlpState
 from klpfs.modules.livepatch_module import (
     ObjectSpec, FuncSpec, build_klp_patch, klp_sample_exit, klp_sample_init)
 from klpfs.modules.program import Frame, ModuleCode
@@ -51,7 +51,7 @@ def build_module(mf: ModuleFile, system: System, params: dict[str, object]) -> M
     mod = Module(mf.name, livepatch=mf.livepatch, out_of_tree=mf.out_of_tree, signed=mf.signed,
                  params=params, param_specs={name: (p.type, p.perm) for name, p in mf.params.items()})
     mod.data["file"] = Path(mf.path)
-    code = ModuleCode(system.kernel, lp.shadow, system.structures, mod)
+    code = ModuleCode(system.kernel, lp, system.structures, mod)
     mod.data["code"] = code
     mod.funcs = [FuncDef(f.name, f.size, code.body(f.name, f.steps), not f.notrace) for f in mf.functions]
     mod.init = lambda m: _init(mf, system, code, m)
@@ -81,7 +81,9 @@ def _init(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> int:
     if ret:
         return ret
     if mf.objs is not None:
-        ret = klp_sample_init(system.livepatch, mod, build_klp_patch(mod, _object_specs(mf, code), mf.immediate))
+        patch = build_klp_patch(mod, _object_specs(mf, code), mf.immediate, mf.replace,
+                                [KlpState(state_id, version) for state_id, version in mf.states])
+        ret = klp_sample_init(system.livepatch, mod, patch)
         if ret:
             return ret
     mod.data["work"] = [DelayedWorkItem(system, code, work.func, code.value(work.delay),

@@ -18,6 +18,7 @@ import trio
 from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
 from klpfs.control.modload import apply_params, build_module
 from klpfs.control.samples import module_stem
+from klpfs.modules.program import IfPrevState, ShadowAlloc, ShadowFree
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
 from klpfs.kernel.sched import (
     IDLE_REST_FRAMES, REST_FRAMES, SLEEP_FRAMES, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
@@ -71,15 +72,24 @@ class Control:
         return fail(-ret) if ret else ok(name=mf.name)
 
     def _check_profile(self, mf: ModuleFile) -> None:
-        """Fields that do not exist in the running kernel's structures."""
+        """Fields and APIs that do not exist in the running kernel (the .ko would not build)."""
         profile = self.system.profile
-        where = f"{mf.path}: patch"
-        if mf.replace:
-            raise ModuleFileError(f"{where}.replace: atomic replace needs kernel 5.1 or later "
-                                  f"(this is {profile.version})")
+        this = f"(this is {profile.version})"
+        if mf.replace and not profile.atomic_replace:
+            raise ModuleFileError(f"{mf.path}: patch.replace: atomic replace needs kernel 5.1 or later {this}")
+        if mf.states and not profile.system_states:
+            raise ModuleFileError(f"{mf.path}: patch.state: system states need kernel 5.5 or later {this}")
         immediate = mf.immediate or any(f.immediate for o in mf.objs or () for f in o.funcs)
         if immediate and not profile.immediate:
-            raise ModuleFileError(f"{where}: immediate was removed in 4.16 (this is {profile.version})")
+            raise ModuleFileError(f"{mf.path}: patch: immediate was removed in 4.16 {this}")
+        for step in mf.all_steps():
+            if isinstance(step, IfPrevState) and not profile.system_states:
+                raise ModuleFileError(f"{mf.path}: if_prev_state: system states need kernel 5.5 or later {this}")
+            ctor_dtor = (isinstance(step, ShadowFree) and step.dtor_log is not None
+                         or isinstance(step, ShadowAlloc) and step.ctor_ret is not None)
+            if ctor_dtor and not profile.shadow_ctor_dtor:
+                raise ModuleFileError(f"{mf.path}: shadow variable constructors and destructors "
+                                      f"(ctor_ret, dtor_log) need kernel 4.17 or later {this}")
 
     async def rmmod(self, name: str) -> Reply:
         name = module_stem(name)

@@ -12,24 +12,27 @@ the running code knows ({__func__}, {obj}, {data}, {target}).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Union
 
 from klpfs.kernel.printk import KERN_INFO
 from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE
 from klpfs.livepatch.shadow import hashed_pointer
+from klpfs.livepatch.state import klp_get_prev_state
 
 if TYPE_CHECKING:
     from klpfs.kernel.kallsyms import Body, KSym
     from klpfs.kernel.kernel import Kernel
     from klpfs.kernel.module import Module
     from klpfs.kernel.sched import Task
+    from klpfs.livepatch.core import Livepatch
     from klpfs.livepatch.shadow import KlpShadow
 
 Value = Union[int, float, str]
 """A number, or a "{param}" reference to one of the module's parameters."""
 
-CONTEXT_NAMES = ("__func__", "obj", "data", "target", "jiffies", "expires")
+CONTEXT_NAMES = ("__func__", "obj", "data", "target", "jiffies", "expires", "prev_version")
 """Names a template may use besides the module's parameters."""
 
 HZ = 250
@@ -84,6 +87,8 @@ class ShadowAlloc:
     id: int
     or_get: bool = False
     """klp_shadow_get_or_alloc rather than klp_shadow_alloc."""
+    ctor_ret: Value | None = None
+    """With a constructor (4.17 on) that returns this; non-zero fails the allocation."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,32 @@ class ShadowFree:
 
 @dataclass(frozen=True)
 class IfShadow:
+    """Branch on klp_shadow_get(obj, id); in `then`, {data} is the variable's data."""
     id: int
     then: tuple[Step, ...] = ()
     otherwise: tuple[Step, ...] = ()
 
 
-Step = Union[Log, Output, Sleep, New, Call, ForEach, ShadowAlloc, ShadowFree, IfShadow]
+@dataclass(frozen=True)
+class IfPrevState:
+    """Branch on klp_get_prev_state(id) (5.5 on); in `then`, {prev_version} is its version."""
+    id: int
+    then: tuple[Step, ...] = ()
+    otherwise: tuple[Step, ...] = ()
+
+
+Step = Union[Log, Output, Sleep, New, Call, ForEach, ShadowAlloc, ShadowFree, IfShadow, IfPrevState]
+
+
+def walk(steps: tuple[Step, ...]) -> Iterator[Step]:
+    """Every step, nested ones included."""
+    for step in steps:
+        yield step
+        if isinstance(step, ForEach):
+            yield from walk(step.steps)
+        elif isinstance(step, (IfShadow, IfPrevState)):
+            yield from walk(step.then)
+            yield from walk(step.otherwise)
 
 
 @dataclass
@@ -113,6 +138,8 @@ class Frame:
     impl: KSym | None = None
     obj: int | None = None
     target: str = ""
+    data: object = None
+    prev_version: str = ""
 
 
 @dataclass
@@ -130,19 +157,24 @@ class ModuleCode:
     """A loaded module's code: runs its step lists with its parameters."""
 
     kernel: Kernel
-    shadow: KlpShadow
+    livepatch: Livepatch
     structures: Structures
     module: Module
+
+    @property
+    def shadow(self) -> KlpShadow:
+        return self.livepatch.shadow
 
     def value(self, v: Value) -> float:
         if isinstance(v, str):
             return float(self.module.params[v.strip("{}")])  # type: ignore[arg-type]
         return float(v)
 
-    def format(self, fmt: str, frame: Frame, data: object = None) -> str:
+    def format(self, fmt: str, frame: Frame) -> str:
         names: dict[str, object] = dict(self.module.params)
         expires = self.structures.expires.get(frame.obj or 0, 0.0)
-        names.update(__func__=frame.func, target=frame.target,
+        data = frame.data
+        names.update(__func__=frame.func, target=frame.target, prev_version=frame.prev_version,
                      obj=hashed_pointer(frame.obj or 0),
                      data=hashed_pointer(data) if isinstance(data, int) else data,
                      jiffies=f"{jiffies(self.kernel.now()):x}", expires=f"{jiffies(expires):x}")
@@ -184,8 +216,13 @@ class ModuleCode:
             elif isinstance(step, ShadowFree):
                 self._shadow_free(step, frame)
             elif isinstance(step, IfShadow):
-                found = self.shadow.klp_shadow_get(frame.obj or 0, step.id) is not None
-                out.append(self.run(step.then if found else step.otherwise, frame))
+                cell = self.shadow.klp_shadow_get(frame.obj or 0, step.id)
+                inner = replace(frame, data=None if cell is None else cell[0])
+                out.append(self.run(step.then if cell is not None else step.otherwise, inner))
+            elif isinstance(step, IfPrevState):
+                state = klp_get_prev_state(self.livepatch, step.id)
+                inner = replace(frame, prev_version="" if state is None else str(state.version))
+                out.append(self.run(step.then if state is not None else step.otherwise, inner))
         return "".join(out)
 
     def _for_each(self, step: ForEach, frame: Frame) -> str:
@@ -213,7 +250,15 @@ class ModuleCode:
 
     def _shadow_alloc(self, step: ShadowAlloc, frame: Frame) -> None:
         alloc = self.shadow.klp_shadow_get_or_alloc if step.or_get else self.shadow.klp_shadow_alloc
-        alloc(frame.obj or 0, step.id, self.kernel.kmalloc())
+        ctor_ret = step.ctor_ret
+        if ctor_ret is None:
+            alloc(frame.obj or 0, step.id, self.kernel.kmalloc())
+            return
+
+        def ctor(obj: int, cell: list[object], ctor_data: object) -> int:
+            cell[0] = ctor_data
+            return int(self.value(ctor_ret))
+        alloc(frame.obj or 0, step.id, None, ctor, self.kernel.kmalloc())
 
     def _shadow_free(self, step: ShadowFree, frame: Frame) -> None:
         dtor: Callable[[int, object], None] | None = None
@@ -221,7 +266,7 @@ class ModuleCode:
             fmt = step.dtor_log
 
             def dtor(obj: int, data: object) -> None:
-                line = self.format(fmt, Frame(frame.func, obj=obj), data)
+                line = self.format(fmt, Frame(frame.func, obj=obj, data=data))
                 self.kernel.printk(KERN_INFO, f"{self.module.name}: {line}")
         if step.all:
             self.shadow.klp_shadow_free_all(step.id, dtor)
