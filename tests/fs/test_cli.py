@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -145,3 +145,11 @@ def test_a_killed_daemon_leaves_no_dead_mount(fakefs: Mount) -> None:
     fakefs.proc.wait()
     wait_until(lambda: not fakefs.mounted(), "auto_unmount to remove the mount")
     assert os.listdir(fakefs.path) == []
+
+
+def test_the_shared_fixture_mounts_the_real_machine(mount_klpfs: Callable[..., Mount]) -> None:
+    for kernel in ("4.15", "4.16"):
+        mount = mount_klpfs(kernel=kernel)
+        assert mount.run(["ls", "-ld", "sys/kernel/livepatch"]).stdout.split()[:4] == [
+            "drwxr-xr-x", "2", "root", "root"]
+        assert os.listdir(mount / "sys/kernel/livepatch") == []
