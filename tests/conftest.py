@@ -9,18 +9,15 @@ teardown, and a test fails if its daemon logged an error it did not expect
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from fusemount import KLPFS, Mount
+from fusemount import KLPFS, Mount, require_fuse
 
 
 @pytest.fixture
 def mount_klpfs() -> Iterator[Callable[..., Mount]]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
-        pytest.skip("FUSE tests need root, /dev/fuse and fusermount3")
+    require_fuse()
     mounts: list[Mount] = []
 
     def start(kernel: str | None = None, options: Sequence[str] = ()) -> Mount:

@@ -9,6 +9,8 @@ fusermount3 inherits it and lives as long as the mount.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +19,20 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
+
 from klpfs.fs.mountinfo import FSTYPE, find_mount
 
 DEADLINE = 10.0
 KLPFS = [str(Path(sys.executable).with_name("klpfs"))]
 """The console script of the venv running the tests."""
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def require_fuse() -> None:
+    """Skip the calling test where real mounts are impossible."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("FUSE tests need root, /dev/fuse and fusermount3")
 
 
 def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:

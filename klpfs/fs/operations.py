@@ -52,8 +52,11 @@ _DOT, _DOTDOT = 1, 2
 """Directory offsets after "." and ".."; a child's is its inode number + 2."""
 
 
-def _bug(op: str, arg: object) -> pyfuse3.FUSEError:
-    """Log the exception being handled as a bug; the caller answers EIO."""
+def _answer(exc: Exception, op: str, arg: object) -> pyfuse3.FUSEError:
+    """What a handler raises for exc: a FUSEError as it is; anything else is a
+    bug, logged with its traceback, and the caller gets EIO."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
     log.exception("%s(%r) failed", op, arg)
     return pyfuse3.FUSEError(errno.EIO)
 
@@ -176,19 +179,15 @@ class KernfsOperations(pyfuse3.Operations):
                 else:
                     raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attr(node)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("lookup", (parent_inode, name)) from None
+        except Exception as exc:
+            raise _answer(exc, "lookup", (parent_inode, name)) from None
 
     async def getattr(self, inode: int, ctx: object) -> pyfuse3.EntryAttributes:
         try:
             attrs = self._attrs.get(inode)
             return attrs if attrs is not None else self._attr(self._inode(inode))
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("getattr", inode) from None
+        except Exception as exc:
+            raise _answer(exc, "getattr", inode) from None
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -213,10 +212,8 @@ class KernfsOperations(pyfuse3.Operations):
                     or fields.update_atime or fields.update_mtime):
                 attrs.st_ctime_ns = attr.st_ctime_ns if fields.update_ctime else time.time_ns()
             return attrs
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("setattr", inode) from None
+        except Exception as exc:
+            raise _answer(exc, "setattr", inode) from None
 
     async def open(self, inode: int, flags: int, ctx: object) -> pyfuse3.FileInfo:
         try:
@@ -230,10 +227,8 @@ class KernfsOperations(pyfuse3.Operations):
             fileinfo = self._fileinfo
             fileinfo.fh = self._open(node)
             return fileinfo
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("open", inode) from None
+        except Exception as exc:
+            raise _answer(exc, "open", inode) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
@@ -249,10 +244,8 @@ class KernfsOperations(pyfuse3.Operations):
             elif not handle.node.active:
                 raise pyfuse3.FUSEError(errno.ENODEV)
             return data[off:off + size]  # type: ignore[index]
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("read", fh) from None
+        except Exception as exc:
+            raise _answer(exc, "read", fh) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """sysfs ignores the offset: every write is a whole store."""
@@ -263,10 +256,8 @@ class KernfsOperations(pyfuse3.Operations):
             if result < 0:
                 raise pyfuse3.FUSEError(-result)
             return result
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("write", fh) from None
+        except Exception as exc:
+            raise _answer(exc, "write", fh) from None
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
@@ -279,10 +270,8 @@ class KernfsOperations(pyfuse3.Operations):
             if not node.is_dir:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             return self._open(node)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("opendir", inode) from None
+        except Exception as exc:
+            raise _answer(exc, "opendir", inode) from None
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """List ".", "..", then the children as of the last rewind, in inode order.
@@ -310,10 +299,8 @@ class KernfsOperations(pyfuse3.Operations):
                         token, child.name.encode("utf-8", "surrogateescape"),
                         self._attr(child), child.ino + _DOTDOT):
                     return
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            raise _bug("readdir", fh) from None
+        except Exception as exc:
+            raise _answer(exc, "readdir", fh) from None
 
     async def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

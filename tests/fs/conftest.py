@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fusemount import Mount
+from fusemount import Mount, require_fuse
 
 FAKEFS = Path(__file__).with_name("fakefs.py")
 
 
 @pytest.fixture
 def fakefs() -> Iterator[Mount]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
-        pytest.skip("FUSE tests need root, /dev/fuse and fusermount3")
+    require_fuse()
     mount = Mount([sys.executable, str(FAKEFS)])
     try:
         yield mount.start()

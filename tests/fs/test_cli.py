@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fusemount import DEADLINE, KLPFS, Mount, is_klpfs_mount, make_mountpoint, wait_until
+from fusemount import (DEADLINE, KLPFS, Mount, is_klpfs_mount, make_mountpoint, require_fuse,
+                       wait_until)
 
 
 def klpfs(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +34,7 @@ def daemons(mountpoint: Path) -> list[int]:
 @pytest.fixture
 def mountpoint() -> Iterator[Path]:
     """A fresh directory; at teardown nothing is mounted there and no daemon serves it."""
+    require_fuse()
     path = make_mountpoint()
     try:
         yield path
