@@ -11,12 +11,11 @@ import trio
 
 from klpfs.control import commands as control
 from klpfs.fs.mount import MountError, MountOptions, mount, unmount
+from klpfs.profiles import DEFAULT, PROFILES, get_profile
 
 if TYPE_CHECKING:
     from klpfs.system import System
 
-KERNEL_VERSIONS = ("4.15", "4.16")
-"""Kernel profiles the emulator implements; the first is the default."""
 
 MOUNT_EXAMPLES = """\
 examples:
@@ -37,11 +36,11 @@ options (-o, comma separated, repeatable):
 
 
 def kernel_version(value: str) -> str:
-    """argparse type of --kernel: a kernel profile the emulator implements."""
-    if value not in KERNEL_VERSIONS:
-        raise argparse.ArgumentTypeError(
-            f"unsupported kernel version {value!r} (choose from {', '.join(KERNEL_VERSIONS)})")
-    return value
+    """argparse type of --kernel: the version of a profile the engine has ("latest" resolved)."""
+    try:
+        return get_profile(value).version
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Daemon:
@@ -96,10 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve in the foreground, logging to stderr")
     cmd.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                      help="mount options (see below)")
-    cmd.add_argument("--kernel", type=kernel_version, default=KERNEL_VERSIONS[0],
-                     metavar="VERSION",
-                     help=f"kernel profile: {', '.join(KERNEL_VERSIONS)} "
-                          f"(default {KERNEL_VERSIONS[0]})")
+    cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
+                     help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
     cmd.add_argument("mountpoint", metavar="MNT", help="an existing empty directory")
     cmd.set_defaults(func=_cmd_mount)
 

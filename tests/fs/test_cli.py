@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from klpfs.profiles import PROFILES
+
 from fusemount import (DEADLINE, KLPFS, Mount, is_klpfs_mount, make_mountpoint, require_fuse,
                        wait_until)
 
@@ -71,12 +73,13 @@ def test_background_daemon_logs_where_asked(mountpoint: Path, tmp_path: Path) ->
 def test_the_kernel_profile_is_checked(mountpoint: Path) -> None:
     result = klpfs("mount", "--kernel", "5.0", str(mountpoint))
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == ("klpfs mount: error: argument --kernel: unsupported "
-                                              "kernel version '5.0' (choose from 4.15, 4.16)")
+    choices = ", ".join([*PROFILES, "latest"])
+    assert result.stderr.splitlines()[-1] == ("klpfs mount: error: argument --kernel: unknown "
+                                              f"kernel version '5.0' (choose from {choices})")
     assert not is_klpfs_mount(mountpoint)
 
 
-@pytest.mark.parametrize("kernel", ["4.15", "4.16"])
+@pytest.mark.parametrize("kernel", [*PROFILES, "latest"])
 def test_each_kernel_profile_mounts(mountpoint: Path, kernel: str) -> None:
     assert klpfs("mount", "--kernel", kernel, str(mountpoint)).returncode == 0
     assert klpfs("umount", str(mountpoint)).returncode == 0
