@@ -23,7 +23,9 @@ def runtime_dir() -> Path:
 
 
 def _key(mountpoint: str | Path) -> str:
-    return hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    # abspath, never realpath: the daemon must not look up paths under its own
+    # mount from the thread that serves it (the lookup would wait on itself).
+    return hashlib.sha1(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
 
 
 def socket_path(mountpoint: str | Path) -> Path:
@@ -47,7 +49,7 @@ def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
     directory = runtime_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    record = DaemonRecord(os.path.realpath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)))
+    record = DaemonRecord(os.path.abspath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)))
     path = record_path(mountpoint)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record.__dict__))
@@ -98,9 +100,9 @@ def find_daemon(mountpoint: str | None) -> DaemonRecord:
     """The daemon serving mountpoint, or the only one running when none is named."""
     daemons = running_daemons()
     if mountpoint is not None:
-        want = os.path.realpath(mountpoint)
+        wanted = {os.path.abspath(mountpoint), os.path.realpath(mountpoint)}
         for record in daemons:
-            if record.mountpoint == want:
+            if record.mountpoint in wanted or os.path.realpath(record.mountpoint) in wanted:
                 return record
         raise NoDaemon(f"no klpfs daemon is serving {mountpoint} (start one with: klpfs mount {mountpoint})")
     if len(daemons) == 1:
