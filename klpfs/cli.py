@@ -29,6 +29,8 @@ examples:
 
 options (-o, comma separated, repeatable):
   log=PATH   append the daemon's log to PATH (default: stderr with -f, nowhere otherwise)
+  speed=N    run the emulated clock N times faster (default 1: the kernel's own timing;
+             speed=10 retries a stuck transition ten times a second)
   anything else is passed to libfuse, after the defaults
   fsname=klpfs,subtype=klpfs,default_permissions,allow_other,auto_unmount
   (as a non-root user, allow_other needs user_allow_other in /etc/fuse.conf)
@@ -46,10 +48,10 @@ def kernel_version(value: str) -> str:
 class Daemon:
     """What ``klpfs mount`` serves: the emulated system and its control socket."""
 
-    def __init__(self, kernel: str, mountpoint: str) -> None:
+    def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0) -> None:
         # Imported here, in the daemon after the fork: the engine is not needed before.
         from klpfs.system import System
-        self.system: System = System(kernel_version=kernel)
+        self.system: System = System(kernel_version=kernel, speed=speed)
         self.kernfs = self.system.kernfs
         self.mountpoint = mountpoint
 
@@ -67,7 +69,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
-    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint), args.mountpoint, options,
+    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed), args.mountpoint, options,
                  foreground=args.foreground)
 
 

@@ -19,9 +19,10 @@ from klpfs.sysfs.module import ModuleSysfs
 class System:
     """Construct inside trio (the kernel's clock is trio's); ValueError for an unknown version."""
 
-    def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True) -> None:
+    def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True, speed: float = 1.0) -> None:
         self.profile = get_profile(kernel_version)
-        self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages)
+        self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages,
+                             speed=speed)
         self.kernfs = Kernfs()
         root = self.kernfs.root
         sys_dir = self.kernfs.create_dir(root, "sys")

@@ -65,10 +65,11 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
-    """-o options: ``log=PATH`` is klpfs's own; the rest go to libfuse."""
+    """-o options: ``log=PATH`` and ``speed=N`` are klpfs's own; the rest go to libfuse."""
 
     fuse: set[str] = field(default_factory=lambda: set(FUSE_OPTIONS))
     log: str | None = None
+    speed: float = 1.0
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> MountOptions:
@@ -82,6 +83,13 @@ class MountOptions:
                     if not arg:
                         raise MountError("log= needs a file name")
                     options.log = os.path.abspath(arg)
+                elif name == "speed":
+                    try:
+                        options.speed = float(arg)
+                    except ValueError:
+                        options.speed = 0
+                    if not 0 < options.speed <= 1000:
+                        raise MountError(f"speed= needs a number from 0 to 1000, not {arg!r}")
                 else:
                     options.fuse.add(option)
         return options

@@ -34,10 +34,10 @@ class Kernel:
     """Construct inside trio: time is trio's clock, seconds since this boot."""
 
     def __init__(self, release: str = "4.15.0", image: Image | None = None,
-                 module_sig_messages: bool = False):
+                 module_sig_messages: bool = False, speed: float = 1.0):
         self.release = release
         self.image = image or load_image(release)
-        self.timers = Timers()
+        self.timers = Timers(speed)
         self.log = Printk(self.timers.now)
         self.kallsyms = Kallsyms()
         self.kallsyms.add_object(None, self.image.functions)

@@ -33,24 +33,35 @@ class Timer:
 
 
 class Timers:
-    """Deadline-ordered callbacks, fired by the one `run` task in order."""
+    """Deadline-ordered callbacks, fired by the one `run` task in order.
 
-    def __init__(self) -> None:
+    `speed` is emulated seconds per second of trio's clock: 1 is the kernel's
+    own timing; 10 runs a stuck transition's retries ten times a second.
+    """
+
+    def __init__(self, speed: float = 1.0) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        self.speed = speed
         self.boot_time = trio.current_time()
         self._heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
         self._scope: trio.CancelScope | None = None
 
     def now(self) -> float:
-        """Seconds since boot, on trio's clock."""
-        return trio.current_time() - self.boot_time
+        """Emulated seconds since boot."""
+        return (trio.current_time() - self.boot_time) * self.speed
+
+    def _clock(self, when: float) -> float:
+        """trio's clock when `when` emulated seconds since boot come."""
+        return self.boot_time + when / self.speed
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         """Call fn at `when` seconds since boot."""
         timer = Timer(when, fn)
         heapq.heappush(self._heap, (when, next(self._order), timer))
         if self._scope is not None:
-            self._scope.deadline = min(self._scope.deadline, self.boot_time + when)
+            self._scope.deadline = min(self._scope.deadline, self._clock(when))
         return timer
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
@@ -66,7 +77,7 @@ class Timers:
 
     async def run(self) -> None:
         while True:
-            deadline = self.boot_time + self._heap[0][0] if self._heap else math.inf
+            deadline = self._clock(self._heap[0][0]) if self._heap else math.inf
             with trio.CancelScope(deadline=deadline) as self._scope:
                 await trio.sleep_forever()
             self._scope = None
