@@ -1,4 +1,5 @@
-"""Fixtures shared by every test directory: real klpfs mounts.
+"""Fixtures shared by every test directory: real klpfs mounts, and a booted
+engine for tests that drive it directly.
 
 ``mount_klpfs(kernel="4.16", options=("log=/tmp/x",))`` mounts ``klpfs mount -f``
 on a fresh mountpoint and returns a `fusemount.Mount`; ``klpfs_mount`` is the
@@ -9,10 +10,29 @@ teardown, and a test fails if its daemon logged an error it did not expect
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
+import trio
 from fusemount import KLPFS, Mount, require_fuse
+
+from klpfs.system import System
+
+
+@pytest.fixture(params=["4.15"])
+async def system(request: pytest.FixtureRequest) -> AsyncIterator[System]:
+    """A booted System with its background work running and debug lines on.
+
+    Tests request pytest-trio's `autojump_clock` themselves: pytest-trio takes
+    the clock only from the test function's own arguments.  Parametrize
+    indirectly for another kernel profile.
+    """
+    async with trio.open_nursery() as nursery:
+        machine = System(request.param)
+        machine.kernel.log.debug_enabled = True
+        nursery.start_soon(machine.run)
+        yield machine
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
