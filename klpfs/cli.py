@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_cmd_mount)
 
     cmd = commands.add_parser("umount", help="unmount a klpfs mount (its daemon exits)",
-                              description="Unmount a klpfs mount; its daemon then exits.")
+                              description="Unmount a klpfs mount; its daemon then exits.",
+                              epilog="example:\n  klpfs umount /mnt/klp",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("mountpoint", metavar="MNT")
     cmd.set_defaults(func=_cmd_umount)
 

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+ROOT_RUNTIME_DIR = Path("/run/klpfs")
+
+
 def runtime_dir() -> Path:
     """/run/klpfs for root, $XDG_RUNTIME_DIR/klpfs or /tmp/klpfs-UID for others."""
     if os.geteuid() == 0:
-        return Path("/run/klpfs")
+        return ROOT_RUNTIME_DIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return Path(xdg) / "klpfs" if xdg else Path(f"/tmp/klpfs-{os.geteuid()}")
 
@@ -104,10 +107,19 @@ def find_daemon(mountpoint: str | None) -> DaemonRecord:
         for record in daemons:
             if record.mountpoint in wanted or os.path.realpath(record.mountpoint) in wanted:
                 return record
+        _not_yours()
         raise NoDaemon(f"no klpfs daemon is serving {mountpoint} (start one with: klpfs mount {mountpoint})")
     if len(daemons) == 1:
         return daemons[0]
     if not daemons:
+        _not_yours()
         raise NoDaemon("no klpfs daemon is running (start one with: klpfs mount MNT)")
     mounts = ", ".join(d.mountpoint for d in daemons)
     raise NoDaemon(f"several klpfs daemons are running ({mounts}); name one with --mount MNT")
+
+
+def _not_yours() -> None:
+    """A user who finds no daemon of their own where root runs some is told why."""
+    if os.geteuid() != 0 and ROOT_RUNTIME_DIR.exists():
+        raise NoDaemon(f"the klpfs daemons here are root's ({ROOT_RUNTIME_DIR}): only a daemon's "
+                       "owner may use its control socket; run this as root")
