@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from klpfs.kernel.sched import TIF_PATCH_PENDING, TaskKind
+from klpfs.kernel.sched import TIF_PATCH_PENDING
 
 from .conftest import settle, spec
 
@@ -111,3 +111,17 @@ async def test_reversal_with_cond_resched(m, version, autojump_clock):
     await settle()
     assert not m.exists("lp_p")
     m.sched.wake(holder)
+
+
+@pytest.mark.parametrize("version", ["6.11", "6.14"])
+async def test_no_reliable_stacks_no_cond_resched_switch(boot, version, autojump_clock):
+    """notes §4.6 / §4.4: the cond_resched() hook calls klp_try_switch_task(current),
+    which fails at once on an arch without reliable stacks (5.3+): a busy
+    kthread then never switches there."""
+    m = boot(version, reliable_stacks=False)
+    k = m.blocker("kspin")
+    assert m.load(P) == 0
+    await settle(0.5)
+    assert k.patch_state == 0, \
+        "ENGINE BUG (notes §4.4/§4.6): no reliable stacks -> klp_try_switch_task fails, also at cond_resched"
+    assert m.state("lp_p") == (1, 1)

@@ -12,7 +12,6 @@ import pytest
 
 from klpfs.kernel.module import Module
 from klpfs.kernel.printk import KERN_DEBUG, KERN_ERR, KERN_WARNING
-from klpfs.kernel.sched import TaskKind
 from klpfs.livepatch.structs import KlpFunc, KlpObject, KlpPatch
 
 from .conftest import EINVAL, SIX, check_fn, settle, spec, target_module
@@ -306,3 +305,45 @@ async def test_no_unknown_or_compiler_lines(m, autojump_clock):
     text = "\n".join(m.lines())
     assert "lp_a'" not in text.split("livepatch: 'lp_a': patching complete", 1)[1]
     assert "disabling" not in text
+
+
+async def test_symbol_error_before_enabling(m, autojump_clock):
+    """notes §2.5 e / §2.4 step 9: a symbol that cannot be resolved fails
+    klp_init_patch (spec §9 #1), before "enabling patch"; the half-built tree
+    is removed, the module reference dropped, the load fails with EINVAL."""
+    assert m.load(spec("lp_z", {None: ["meminfo_proc_show"]})) == 0
+    await settle()
+    m.take()
+    assert m.load(spec("lp_s", {None: ["cmdline_proc_show", "no_such_function"]})) == -EINVAL
+    assert m.take() == ["livepatch: symbol 'no_such_function' not found in symbol table"]
+    assert m.ls() == ["lp_z"] and m.module("lp_s") is None
+    assert m.load(spec("lp_t", {None: ["type_show"]})) == -EINVAL
+    assert m.take() == ["livepatch: unresolvable ambiguity for symbol 'type_show' in object '(null)'"]
+    assert m.load(spec("lp_u", {None: [("type_show", 4)]})) == -EINVAL
+    assert m.take() == ["livepatch: symbol position 4 for symbol 'type_show' in object 'vmlinux' not found"]
+
+
+@pytest.mark.parametrize("version", ["6.1"])
+async def test_message_levels(m, autojump_clock):
+    """spec §9 levels (unchanged, notes §11) and the loader's (obs #22):
+    notices for enable/start/complete/apply/revert/signal and the taint
+    lines but out-of-tree (warn); warnings for force and failures."""
+    from klpfs.kernel.printk import KERN_NOTICE
+    assert (await m.insmod("klp-busy"))["ok"]
+    assert (await m.insmod("klp-busy-patch"))["ok"]
+    await settle(16.5)
+    assert m.write("klp_busy_patch/enabled", b"0") == 1
+    await settle()
+    assert (await m.rmmod_ctl("klp_busy"))["ok"]
+    levels = {r.text: r.level for r in m.records()}
+    assert levels["klp_busy: loading out-of-tree module taints kernel."] == KERN_WARNING
+    assert levels["klp_busy: module verification failed: signature and/or required key missing - "
+                  "tainting kernel"] == 5
+    assert levels["klp_busy_patch: tainting kernel with TAINT_LIVEPATCH"] == KERN_NOTICE
+    for text in ("livepatch: enabling patch 'klp_busy_patch'",
+                 "livepatch: 'klp_busy_patch': starting patching transition",
+                 "livepatch: signaling remaining tasks",
+                 "livepatch: 'klp_busy_patch': patching complete",
+                 "livepatch: 'klp_busy_patch': starting unpatching transition",
+                 "livepatch: 'klp_busy_patch': unpatching complete"):
+        assert levels[text] == KERN_NOTICE, text

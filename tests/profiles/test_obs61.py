@@ -138,3 +138,23 @@ async def test_row2_no_signal_replace_stack_order_on_6_1_only(m, version, autoju
     assert "signal" not in names
     if version == "6.1":
         assert names == {"enabled", "transition", "force", "vmlinux"}
+
+
+@six
+async def test_row2_stat_sizes_and_modes(m, version, autojump_clock):
+    """obs #2: through the filesystem operations, attributes stat with size
+    4096 and their modes, directories with size 0 and 0755."""
+    import stat as st
+
+    from klpfs.fs.operations import KernfsOperations
+    ops = KernfsOperations(m.kernfs)
+    try:
+        assert m.load(P) == 0
+        for rel, mode, size in (("lp_p", 0o755, 0), ("lp_p/enabled", 0o644, 4096),
+                                ("lp_p/transition", 0o444, 4096), ("lp_p/force", 0o200, 4096),
+                                ("lp_p/vmlinux", 0o755, 0), ("lp_p/vmlinux/patched", 0o444, 4096),
+                                ("lp_p/vmlinux/cmdline_proc_show,1", 0o755, 0)):
+            attrs = await ops.getattr(m.lp_node(rel).ino, None)
+            assert (st.S_IMODE(attrs.st_mode), attrs.st_size) == (mode, size), rel
+    finally:
+        m.kernfs.listeners.remove(ops)

@@ -6,10 +6,9 @@ transition, reversal, a later patch stacking on top."""
 
 from __future__ import annotations
 
-from klpfs.kernel.sched import TaskKind
-
 from .conftest import (
-    EAGAIN, EBUSY, EINVAL, ORIGINAL, Recorder, cb, check_fn, logging_callbacks, settle, spec, target_module)
+    EAGAIN, EBUSY, EINVAL, ORIGINAL, Recorder, cb, check_fn, logging_callbacks, settle, spec, target_module,
+    tick)
 
 
 def patches(m, callbacks: bool = False):
@@ -255,8 +254,6 @@ async def test_replace_with_nothing_listed(m, autojump_clock):
     assert m.load(r) == 0
     await settle()
     assert m.ls() == ["lp_r"] and m.state("lp_r") == (1, 0)
-    assert m.tree("lp_r") == sorted(
-        c for c in m.tree("lp_r"))
     assert sorted(d for d in m.ls("lp_r/vmlinux") if d != "patched") == ["cmdline_proc_show,1"]
 
 
@@ -275,3 +272,22 @@ async def test_replace_over_replace(m, autojump_clock):
     assert m.call("cmdline_proc_show", k) == ORIGINAL
     assert m.call("meminfo_proc_show", k) == "lp_r2:meminfo_proc_show"
     assert m.refcnt("lp_r") == 0
+
+
+async def test_replace_completing_inside_insmod(m, version, autojump_clock):
+    """notes §12.6 / obs #5: the first completion attempt is synchronous: when
+    it succeeds, the replaced patches are unpatched (and, their object dirs
+    removed) before insmod returns; their patch dirs go with the free work."""
+    r = await stacked(m)
+    for cpu in range(len(m.sched.cpu_online)):
+        m.sched.set_cpu_online(cpu, False)
+    assert m.load(r) == 0
+    assert m.read("lp_r/transition") == b"0\n"
+    assert m.take() == ["livepatch: enabling patch 'lp_r'",
+                        "livepatch: 'lp_r': starting patching transition",
+                        "livepatch: 'lp_r': patching complete"]
+    assert not m.exists("lp_a/vmlinux") and not m.exists("lp_b/vmlinux")
+    assert m.listed() == ["lp_r"]
+    await tick()
+    assert m.ls() == ["lp_r"]
+    assert m.refcnt("lp_a") == 0 and m.refcnt("lp_b") == 0

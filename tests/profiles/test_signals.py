@@ -170,3 +170,19 @@ async def test_reversed_stuck_transition_prints_again(m, autojump_clock):
     times = m.times_of(SIGNAL_LINE)
     assert len(times) == 2 and 31.0 <= times[1] <= 32.5, f"ENGINE BUG (notes §4.2): {times}"
     m.sched.wake(k2)
+
+
+async def test_user_task_with_unreliable_stack(m, autojump_clock):
+    """notes §4.3: a user task whose stack cannot be checked, asleep (S)
+    elsewhere, is made to leave the kernel by the fake signal and switches
+    on its way to user mode."""
+    u = m.user("uunrel")
+    u.reliable_stack = False
+    m.sched.enter(u, m.sym("meminfo_proc_show"), "S")
+    assert m.load(P) == 0
+    await until(14.5)
+    assert u.patch_state == 0
+    await until(15.5)
+    assert u.patch_state == 1
+    await until(16.5)
+    assert m.state("lp_p") == (1, 0)

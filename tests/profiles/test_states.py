@@ -199,3 +199,48 @@ async def test_states_refused_on_5_1(m, autojump_clock):
     reply = await load(m, "st_b", "cmdline_proc_show", [], prev_id=1)
     assert reply["ok"] is False and reply.get("file_error")
     assert m.kernel.modules.modules == {}
+
+
+@six
+async def test_post_unpatch_tells_reversal_from_disable(m, autojump_clock):
+    """notes §9 (system-state.rst): post_unpatch tells a reversed transition
+    (the replaced patch is still there: prev state found) from a disable of
+    the cumulative patch (nothing before it: NULL)."""
+    assert (await load(m, "st_a", "cmdline_proc_show", [(1, 2)]))["ok"]
+    await settle()
+    holder = m.sleeper("cmdline_proc_show", comm="holder")        # in st_a's code
+    assert (await load(m, "st_r", "cmdline_proc_show", [(1, 3)], replace=True, prev_id=1))["ok"]
+    assert m.state("st_r") == (1, 1)
+    m.take()
+    assert m.write("st_r/enabled", b"0") == 1
+    await settle()
+    assert m.take() == ["livepatch: 'st_r': starting unpatching transition",
+                        "st_r: post_unpatch_callback: prev 2",
+                        "livepatch: 'st_r': unpatching complete"]
+    m.sched.wake(holder)
+    assert (await m.rmmod_ctl("st_r"))["ok"]
+    assert (await load(m, "st_r", "cmdline_proc_show", [(1, 3)], replace=True, prev_id=1))["ok"]
+    await settle()
+    assert m.ls() == ["st_r"]
+    m.take()
+    assert m.write("st_r/enabled", b"0") == 1
+    await settle()
+    assert m.take() == ["st_r: pre_unpatch_callback: no prev",
+                        "livepatch: 'st_r': starting unpatching transition",
+                        "st_r: post_unpatch_callback: no prev",
+                        "livepatch: 'st_r': unpatching complete"]
+
+
+@six
+async def test_warnings_then_compat_error(boot, version, autojump_clock):
+    """notes §2.4: the no-reliable-stack warnings come before the compatibility
+    check (steps 5 and 6)."""
+    m = boot(version, reliable_stacks=False)
+    assert m.load(spec("lp_a", {None: ["cmdline_proc_show"]}, states=[(1, 2)])) == 0
+    m.take()
+    assert m.load(spec("lp_c", {None: ["meminfo_proc_show"]}, states=[(1, 1)])) == -EINVAL
+    assert m.take() == [
+        "livepatch: This architecture doesn't have support for the livepatch consistency model.",
+        "livepatch: The livepatch transition may never complete.",
+        incompatible("lp_c"),
+    ]

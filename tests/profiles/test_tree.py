@@ -4,12 +4,10 @@ obs #1-#5), open-mode errors, reads, nop and dynamic-object directories."""
 from __future__ import annotations
 
 import pytest
-import trio
 
 from klpfs.sysfs.kernfs import Kernfs
 
-from .conftest import (
-    EACCES, LATER, ORIGINAL, has_patched, has_replace_attr, has_stack_order, settle, spec, target_module)
+from .conftest import EACCES, has_patched, has_replace_attr, has_stack_order, settle, spec
 
 P = spec("lp_p", {None: ["cmdline_proc_show", "version_proc_show"], "tmod": ["tmod_fn"]})
 
@@ -153,3 +151,41 @@ async def test_nop_sympos_quirk_collides(m, autojump_clock):
     assert m.module("lp_r") is None
     lines = m.take()
     assert "sysfs: cannot create duplicate filename '/kernel/livepatch/lp_r/vmlinux/cmdline_proc_show,1'" in lines
+
+
+async def test_attribute_values_through_a_lifecycle(m, version, autojump_clock):
+    """Every attribute's value at each stage of a patch's life (obs #5, #8,
+    #12; notes §3.2, §5.1, §8.2): patching, enabled, unpatching, gone."""
+    def values(name: str) -> dict[str, bytes]:
+        out = {}
+        for f in ("enabled", "transition", "vmlinux/patched", "replace", "stack_order"):
+            if m.exists(f"{name}/{f}"):
+                out[f] = m.read(f"{name}/{f}")
+        return out
+
+    def expect(enabled: int, transition: int, patched: int | None, order: int) -> dict[str, bytes]:
+        out = {"enabled": f"{enabled}\n".encode(), "transition": f"{transition}\n".encode()}
+        if has_patched(version) and patched is not None:
+            out["vmlinux/patched"] = f"{patched}\n".encode()
+        if has_replace_attr(version):
+            out["replace"] = b"0\n"
+        if has_stack_order(version):
+            out["stack_order"] = f"{order}\n".encode()
+        return out
+
+    assert m.load(spec("lp_z", {None: ["meminfo_proc_show"]})) == 0
+    await settle()
+    holder = m.sleeper("cmdline_proc_show", comm="holder")
+    assert m.load(P) == 0
+    assert values("lp_p") == expect(1, 1, 1, 2)                 # patching
+    m.sched.wake(holder)
+    await settle()
+    assert values("lp_p") == expect(1, 0, 1, 2)                 # enabled
+    holder = m.sleeper("cmdline_proc_show", comm="holder2")
+    assert m.write("lp_p/enabled", b"0") == 1
+    assert values("lp_p") == expect(0, 1, 1, 2)                 # unpatching
+    assert m.write("lp_z/enabled", b"0") == -16
+    m.sched.wake(holder)
+    await settle()
+    assert not m.exists("lp_p")                                 # freed
+    assert values("lp_z") == expect(1, 0, 1, 1)                 # renumbered (6.14)
