@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from klpfs.control import commands as control
+from klpfs.control import run, shims
 from klpfs.fs.mount import MountError, MountOptions, mount, unmount
 from klpfs.profiles import DEFAULT, PROFILES, get_profile
 
@@ -73,6 +74,27 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                  foreground=args.foreground)
 
 
+RUN_EXAMPLES = """\
+examples:
+  sudo klpfs run -- sh -c 'insmod livepatch-sample.ko; cat /sys/kernel/livepatch/*/enabled'
+  sudo klpfs run --kernel 6.1 --modules ./ko -- ./my-livepatch-tool --check
+  sudo klpfs run -o speed=10 -- pytest tests/     # a faster emulated clock
+"""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("klpfs run: no COMMAND given (klpfs run [options] -- COMMAND ...)", file=sys.stderr)
+        return 2
+    try:
+        MountOptions.parse(args.options)  # bad options fail before anything is set up
+        return run.run(command, args.kernel, args.modules, args.options, args.keep_mounted)
+    except (MountError, run.RunError, OSError) as exc:
+        print(f"klpfs run: {exc}", file=sys.stderr)
+        return 1
+
+
 def _cmd_umount(args: argparse.Namespace) -> int:
     try:
         unmount(args.mountpoint)
@@ -110,12 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_cmd_umount)
 
     control.add_commands(commands)
+
+    cmd = commands.add_parser(
+        "run", help="run a command with the emulator at /sys/kernel/livepatch (needs root)",
+        description="Run COMMAND in a private mount namespace where /sys/kernel/livepatch and "
+                    "/sys/module/<module> are the emulator's, and insmod, rmmod, modprobe, lsmod, "
+                    "modinfo and dmesg act on it.  The host's mounts are never touched.  Exits with "
+                    "COMMAND's status.",
+        epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
+                     help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
+    cmd.add_argument("--modules", action="append", default=[], metavar="DIR",
+                     help="directory of module files that modprobe/insmod NAME(.ko) find (repeatable; "
+                          "the shipped samples are always found)")
+    cmd.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                     help="mount options for the emulator, as for klpfs mount (e.g. speed=10)")
+    cmd.add_argument("--keep-mounted", action="store_true",
+                     help="after COMMAND exits, keep the emulator up until interrupted (enter it with nsenter)")
+    cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    cmd.set_defaults(func=_cmd_run)
+
+    cmd = commands.add_parser("shim", help=argparse.SUPPRESS)
+    cmd.add_argument("tool", choices=sorted(shims.TOOLS))
+    cmd.add_argument("args", nargs=argparse.REMAINDER)
+    cmd.set_defaults(func=lambda args: shims.main(args.tool, args.args))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("mount", "umount"):
+    if args.command in ("mount", "umount", "run", "shim"):
         return args.func(args)
     return control.run(args)
 

@@ -151,14 +151,19 @@ def cmd_rmmod(args: argparse.Namespace) -> int:
 
 
 def cmd_lsmod(args: argparse.Namespace) -> int:
-    reply = _checked(request(args.mount, "lsmod"))
-    print("Module                  Size  Used by")
-    for m in reply["modules"]:
-        print(f"{m['name']:<19} {m['size']:8}  {m['refcnt']}")
+    print_lsmod(_checked(request(args.mount, "lsmod"))["modules"])
     return 0
 
 
-def _format_record(record: dict[str, Any]) -> str:
+def print_lsmod(modules: list[dict[str, Any]]) -> None:
+    """lsmod's table (kmod's format)."""
+    print("Module                  Size  Used by")
+    for m in modules:
+        print(f"{m['name']:<19} {m['size']:8}  {m['refcnt']}")
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A log record as dmesg prints it."""
     return f"[{record['time']:12.6f}] {record['text']}"
 
 
@@ -176,7 +181,7 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
         replies = iter(_checked(request(args.mount, "dmesg"))["records"])
     for record in replies:
         if levels is None or record["level"] in levels:
-            print(_format_record(record), flush=args.follow)
+            print(format_record(record), flush=args.follow)
     return 0
 
 

@@ -91,6 +91,7 @@ class ModuleFile:
     path: Path
     name: str
     description: str = ""
+    license: str = "GPL"
     livepatch: bool = False
     out_of_tree: bool = False
     signed: bool = True
@@ -271,7 +272,8 @@ class _Parser:
 
     def parse(self, raw: dict[str, Any]) -> ModuleFile:
         self.keys(raw, "", {"module", "params", "function", "init", "exit", "patch"})
-        module = self.table(raw, "module", "module", {"name", "description", "livepatch", "out_of_tree", "signed"})
+        module = self.table(raw, "module", "module", {"name", "description", "license", "livepatch",
+                                                        "out_of_tree", "signed"})
         name = self.name(module, "name", "module", required=False) or module_name_from_path(self.path)
         if not NAME_RE.match(name) or "." in name:
             raise self.error("module.name", f"{name!r} is not a valid module name")
@@ -279,6 +281,7 @@ class _Parser:
             raise self.error("module.name", f"must be shorter than {MODULE_NAME_LEN} characters")
         mf = ModuleFile(self.path, name,
                         description=self.get(module, "description", "module", str, ""),
+                        license=self.get(module, "license", "module", str, "GPL"),
                         out_of_tree=self.get(module, "out_of_tree", "module", bool, False),
                         signed=self.get(module, "signed", "module", bool, True))
         self.parse_params(raw.get("params", {}))

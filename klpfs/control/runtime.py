@@ -18,7 +18,11 @@ ROOT_RUNTIME_DIR = Path("/run/klpfs")
 
 
 def runtime_dir() -> Path:
-    """/run/klpfs for root, $XDG_RUNTIME_DIR/klpfs or /tmp/klpfs-UID for others."""
+    """$KLPFS_RUNTIME_DIR if set (klpfs run keeps its daemon apart this way);
+    else /run/klpfs for root, $XDG_RUNTIME_DIR/klpfs or /tmp/klpfs-UID for others."""
+    override = os.environ.get("KLPFS_RUNTIME_DIR")
+    if override:
+        return Path(override)
     if os.geteuid() == 0:
         return ROOT_RUNTIME_DIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")

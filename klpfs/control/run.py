@@ -1,0 +1,186 @@
+"""`klpfs run -- COMMAND`: unmodified tools against the emulator at the real paths.
+
+In a private mount namespace: a daemon mounts the emulator on a scratch
+directory; /sys/kernel becomes a tmpfs holding the host's entries (bound
+back) plus the emulated `livepatch`; /sys/module likewise gets the emulated
+modules' directories as they load; shims for insmod, rmmod, modprobe, lsmod,
+modinfo and dmesg go first on PATH.  Then COMMAND runs, and everything is
+torn down with the namespace.  The host's mount table is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from klpfs.control import namespace
+from klpfs.fs.mountinfo import FSTYPE, find_mount
+
+SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg")
+STATE_ENV = "KLPFS_RUN_STATE"
+MOUNT_DEADLINE = 10.0
+
+
+class RunError(Exception):
+    """`klpfs run` cannot set up; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the shims inside a `klpfs run` need to know, kept in its scratch directory."""
+
+    workdir: Path
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.workdir / "mnt"
+
+    @property
+    def modules_dirs(self) -> list[Path]:
+        return [Path(p) for p in json.loads((self.workdir / "modules.json").read_text())]
+
+    @classmethod
+    def current(cls) -> RunState | None:
+        """The run this process is inside, if any."""
+        workdir = os.environ.get(STATE_ENV)
+        return cls(Path(workdir)) if workdir else None
+
+    def sync_modules(self) -> None:
+        """Bind each loaded emulated module's directory into /sys/module; drop gone ones.
+
+        Host modules keep their own entries; an emulated module of the same
+        name is not shown there.
+        """
+        record = self.workdir / "module-binds.json"
+        bound = set(json.loads(record.read_text())) if record.exists() else set()
+        emulated = set(os.listdir(self.mountpoint / "sys/module"))
+        for name in sorted(bound - emulated):
+            namespace.detach(f"/sys/module/{name}")
+            os.rmdir(f"/sys/module/{name}")
+        for name in sorted(emulated - bound):
+            target = Path("/sys/module") / name
+            if target.exists():
+                continue
+            target.mkdir()
+            namespace.bind(self.mountpoint / "sys/module" / name, target)
+            bound.add(name)
+        record.write_text(json.dumps(sorted(bound & emulated)))
+
+
+def _require_privilege() -> None:
+    if os.geteuid() != 0:
+        raise RunError("klpfs run needs root: it makes a private mount namespace and mounts over "
+                       "/sys/kernel and /sys/module (CAP_SYS_ADMIN); run it with sudo, or in a "
+                       "container started with --cap-add SYS_ADMIN --device /dev/fuse")
+    if not os.path.exists("/dev/fuse"):
+        raise RunError("/dev/fuse does not exist (load the fuse module, or give the container "
+                       "--device /dev/fuse)")
+
+
+def _klpfs_argv() -> list[str]:
+    return [sys.executable, "-m", "klpfs"]
+
+
+def _write_shims(bindir: Path) -> None:
+    bindir.mkdir()
+    for tool in SHIMS:
+        shim = bindir / tool
+        shim.write_text(f'#!/bin/sh\nexec {" ".join(_klpfs_argv())} shim {tool} "$@"\n')
+        shim.chmod(0o755)
+
+
+def _start_daemon(state: RunState, kernel: str, options: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    state.mountpoint.mkdir()
+    log = open(state.workdir / "daemon.log", "ab")
+    argv = [*_klpfs_argv(), "mount", "-f", "--kernel", kernel, *[f"-o{o}" for o in options],
+            str(state.mountpoint)]
+    daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + MOUNT_DEADLINE
+    while not _mounted(state.mountpoint):
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            raise RunError("the klpfs daemon did not mount: "
+                           + (state.workdir / "daemon.log").read_text(errors="replace").strip())
+        time.sleep(0.01)
+    return daemon
+
+
+def _mounted(path: Path) -> bool:
+    entry = find_mount(str(path))
+    return entry is not None and entry.fstype == FSTYPE
+
+
+def _expose(state: RunState) -> None:
+    """/sys/kernel/livepatch and /sys/module/<emulated> at their real paths."""
+    namespace.overlay_dir(Path("/sys/kernel"), state.workdir / "host-kernel", skip={"livepatch"})
+    os.mkdir("/sys/kernel/livepatch")
+    namespace.bind(state.mountpoint / "sys/kernel/livepatch", "/sys/kernel/livepatch")
+    namespace.overlay_dir(Path("/sys/module"), state.workdir / "host-module", skip=set())
+    state.sync_modules()
+
+
+def _stop(daemon: subprocess.Popen) -> None:
+    for target in ("/sys/kernel", "/sys/module"):
+        namespace.detach(target)
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=MOUNT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Sequence[str],
+        keep_mounted: bool) -> int:
+    """Set up, run COMMAND, tear down; COMMAND's exit status."""
+    _require_privilege()
+    for directory in modules:
+        if not Path(directory).is_dir():
+            raise RunError(f"--modules {directory}: not a directory")
+    namespace.unshare_mounts()
+    state = RunState(Path(tempfile.mkdtemp(prefix="klpfs-run-")))
+    (state.workdir / "modules.json").write_text(json.dumps([os.path.abspath(d) for d in modules]))
+    env = {**os.environ, "KLPFS_RUNTIME_DIR": str(state.workdir / "run"), "KLPFS_MOUNT": str(state.mountpoint),
+           STATE_ENV: str(state.workdir)}
+    _write_shims(state.workdir / "bin")
+    os.environ.update(env)
+    daemon = _start_daemon(state, kernel, options, env)
+    try:
+        _expose(state)
+        env["PATH"] = f"{state.workdir / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+        try:
+            status = subprocess.run(list(command), env=env).returncode
+        except FileNotFoundError:
+            print(f"klpfs run: {command[0]}: command not found", file=sys.stderr)
+            status = 127
+        if keep_mounted:
+            _wait_for_interrupt(os.getpid())
+        return status
+    finally:
+        _stop(daemon)
+        for kept in ("host-kernel", "host-module"):
+            namespace.detach(state.workdir / kept)
+        shutil.rmtree(state.workdir, ignore_errors=True)
+
+
+def _wait_for_interrupt(pid: int) -> None:
+    print(f"klpfs run: the emulator stays up; enter it with: nsenter --mount --target {pid}\n"
+          "klpfs run: press Ctrl-C (or send SIGTERM) to tear it down", file=sys.stderr)
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,219 @@
+"""insmod, rmmod, modprobe, lsmod, modinfo and dmesg as livepatch tools call them,
+acting on the emulator and answering in the real tools' formats and exit codes.
+
+`klpfs run` puts these first on PATH.  Module names resolve to module files
+in the run's --modules directories, then the shipped samples, so a script
+written for a real kernel's .ko files finds their emulated counterparts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from klpfs.control.client import ControlError, request, stream
+from klpfs.control.commands import format_record, print_lsmod
+from klpfs.control.modfile import ModuleFile, ModuleFileError, load_module_file
+from klpfs.control.run import RunState
+from klpfs.control.runtime import NoDaemon
+from klpfs.control.samples import find_module_file, module_stem
+from klpfs.kernel.printk import LEVEL_NAMES
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors the way the real tools exit: status 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _search() -> list[Path]:
+    state = RunState.current()
+    return state.modules_dirs if state is not None else []
+
+
+def _resolve(name: str) -> Path | None:
+    """A module file for NAME: the file itself if it is one, else by module name."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    return find_module_file(module_stem(name), _search())
+
+
+def _after_change() -> None:
+    state = RunState.current()
+    if state is not None:
+        state.sync_modules()
+
+
+def _load(path: Path, params: list[str]) -> dict:
+    return request(None, "insmod", path=str(path), text=path.read_text(), params=params)
+
+
+def _loaded(name: str) -> bool:
+    return any(m["name"] == name for m in request(None, "lsmod")["modules"])
+
+
+def insmod(argv: list[str]) -> int:
+    parser = _Parser(prog="insmod", usage="insmod [options] filename [args]")
+    parser.add_argument("-f", "--force", action="store_true")
+    parser.add_argument("-s", "--syslog", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("filename")
+    parser.add_argument("args", nargs="*")
+    args = parser.parse_args(argv)
+    path = _resolve(args.filename)
+    if path is None:
+        print(f"insmod: ERROR: could not load module {args.filename}: No such file or directory", file=sys.stderr)
+        return 1
+    reply = _load(path, args.args)
+    if not reply["ok"]:
+        error = "Invalid module format" if reply.get("file_error") else reply["error"]
+        print(f"insmod: ERROR: could not insert module {args.filename}: {error}", file=sys.stderr)
+        if reply.get("file_error"):
+            print(reply["error"], file=sys.stderr)
+        return 1
+    _after_change()
+    return 0
+
+
+def _remove(name: str, tool: str) -> int:
+    reply = request(None, "rmmod", name=name)
+    if reply["ok"]:
+        _after_change()
+        return 0
+    stem = module_stem(name)
+    if tool == "modprobe":
+        message = (f"Module {stem} is in use." if reply.get("in_use") else
+                   f"Module {stem} is not currently loaded" if reply.get("not_loaded") else
+                   f"could not remove '{stem}': {reply['error']}")
+        print(f"modprobe: FATAL: {message}", file=sys.stderr)
+    elif reply.get("not_loaded"):
+        print(f"rmmod: ERROR: Module {stem} is not currently loaded", file=sys.stderr)
+    elif reply.get("in_use"):
+        print(f"rmmod: ERROR: Module {stem} is in use", file=sys.stderr)
+    else:
+        print(f"rmmod: ERROR: could not remove module {name}: {reply['error']}", file=sys.stderr)
+    return 1
+
+
+def rmmod(argv: list[str]) -> int:
+    parser = _Parser(prog="rmmod", usage="rmmod [options] modulename ...")
+    for flag, long in (("-f", "--force"), ("-s", "--syslog"), ("-v", "--verbose"), ("-w", "--wait")):
+        parser.add_argument(flag, long, action="store_true")
+    parser.add_argument("modules", nargs="+")
+    args = parser.parse_args(argv)
+    return max(_remove(name, "rmmod") for name in args.modules)
+
+
+def modprobe(argv: list[str]) -> int:
+    parser = _Parser(prog="modprobe", usage="modprobe [options] [-r] modulename [module parameters...]")
+    parser.add_argument("-r", "--remove", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-n", "--dry-run", action="store_true")
+    parser.add_argument("module")
+    parser.add_argument("args", nargs="*")
+    args = parser.parse_args(argv)
+    if args.remove:
+        return max(_remove(name, "modprobe") for name in [args.module, *args.args])
+    path = find_module_file(module_stem(args.module), _search())
+    if path is None:
+        if not args.quiet:
+            release = request(None, "status")["release"]
+            print(f"modprobe: FATAL: Module {args.module} not found in directory /lib/modules/{release}",
+                  file=sys.stderr)
+        return 1
+    if args.dry_run or _loaded(module_stem(path.name)):
+        return 0
+    reply = _load(path, args.args)
+    if not reply["ok"]:
+        print(f"modprobe: ERROR: could not insert '{module_stem(args.module)}': {reply['error']}", file=sys.stderr)
+        return 1
+    _after_change()
+    return 0
+
+
+def lsmod(argv: list[str]) -> int:
+    _Parser(prog="lsmod", usage="lsmod").parse_args(argv)
+    print_lsmod(request(None, "lsmod")["modules"])
+    return 0
+
+
+def _modinfo_fields(mf: ModuleFile, path: Path, release: str) -> list[tuple[str, str]]:
+    fields = [("filename", str(path.resolve()))]
+    if mf.livepatch:
+        fields.append(("livepatch", "Y"))
+    fields += [("license", mf.license)]
+    if mf.description:
+        fields.append(("description", mf.description))
+    fields += [("depends", ""), ("retpoline", "Y")]
+    if not mf.out_of_tree:
+        fields.append(("intree", "Y"))
+    fields += [("name", mf.name), ("vermagic", f"{release} SMP mod_unload modversions ")]
+    fields += [("parm", f"{name}:{p.description} ({p.type})") for name, p in mf.params.items()]
+    return fields
+
+
+def modinfo(argv: list[str]) -> int:
+    parser = _Parser(prog="modinfo", usage="modinfo [options] filename [args]")
+    parser.add_argument("-F", "--field")
+    parser.add_argument("-k", dest="kernel")
+    parser.add_argument("modules", nargs="+")
+    args = parser.parse_args(argv)
+    release = args.kernel or request(None, "status")["release"]
+    status = 0
+    for name in args.modules:
+        path = _resolve(name)
+        if path is None:
+            print(f"modinfo: ERROR: Module {name} not found.", file=sys.stderr)
+            status = 1
+            continue
+        try:
+            mf = load_module_file(path)
+        except ModuleFileError as e:
+            print(f"modinfo: ERROR: could not get modinfo from '{name}': Invalid argument\n{e}", file=sys.stderr)
+            status = 1
+            continue
+        for key, value in _modinfo_fields(mf, path, release):
+            if args.field is None:
+                print(f"{key + ':':<16}{value}")
+            elif key == args.field:
+                print(value)
+    return status
+
+
+def dmesg(argv: list[str]) -> int:
+    parser = _Parser(prog="dmesg", usage="dmesg [options]")
+    parser.add_argument("-w", "--follow", action="store_true")
+    parser.add_argument("-l", "--level")
+    parser.add_argument("-k", "--kernel", action="store_true")
+    parser.add_argument("-t", "--notime", action="store_true")
+    args = parser.parse_args(argv)
+    levels = None if args.level is None else set(args.level.split(","))
+    if levels is not None and not levels <= set(LEVEL_NAMES):
+        print(f"dmesg: unknown level '{sorted(levels - set(LEVEL_NAMES))[0]}'", file=sys.stderr)
+        return 1
+    records = stream(None, "dmesg", follow=True) if args.follow else iter(request(None, "dmesg")["records"])
+    for record in records:
+        if levels is None or record["level"] in levels:
+            print(record["text"] if args.notime else format_record(record), flush=args.follow)
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "insmod": insmod, "rmmod": rmmod, "modprobe": modprobe, "lsmod": lsmod, "modinfo": modinfo, "dmesg": dmesg}
+
+
+def main(tool: str, argv: list[str]) -> int:
+    try:
+        return TOOLS[tool](argv)
+    except (NoDaemon, ControlError) as e:
+        print(f"{tool}: ERROR: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
