@@ -156,3 +156,25 @@ async def test_replace_enable_failure_leaves_replaced_patches(m, autojump_clock)
     assert m.call("cmdline_proc_show", k) == "lp_a:cmdline_proc_show"
     assert m.call("version_proc_show", k) == "lp_a:version_proc_show"
     assert m.call("meminfo_proc_show", k) == ORIGINAL
+
+
+async def test_enable_failure_at_second_object(m, autojump_clock):
+    """notes §2.6 error path: pre_patch of the second object fails: the cancel
+    completes as unpatching -- post_unpatch only for the object whose
+    pre_patch succeeded, then "unpatching complete"; the load fails."""
+    assert m.load(tmod(m)) == 0
+    cbs = {None: logging_callbacks(m.printk, "lp_f"),
+           "tmod": logging_callbacks(m.printk, "lp_f", pre_patch_ret=-19)}
+    m.take()
+    assert m.load(spec("lp_f", {None: ["cmdline_proc_show"], "tmod": ["tmod_fn"]}, callbacks=cbs)) == -19
+    assert [ln for ln in m.take() if not ln.endswith("TAINT_LIVEPATCH")] == [
+        "livepatch: enabling patch 'lp_f'",
+        cb("lp_f", "pre_patch"),
+        cb("lp_f", "pre_patch", "tmod", "LIVE"),
+        "livepatch: pre-patch callback failed for object 'tmod'",
+        "livepatch: failed to enable patch 'lp_f'",
+        cb("lp_f", "post_unpatch"),
+        "livepatch: 'lp_f': unpatching complete",
+    ]
+    assert m.ls() == [] and m.module("lp_f") is None
+    assert m.call("cmdline_proc_show", m.kthread()) == ORIGINAL

@@ -244,3 +244,15 @@ async def test_warnings_then_compat_error(boot, version, autojump_clock):
         "livepatch: The livepatch transition may never complete.",
         incompatible("lp_c"),
     ]
+
+
+@six
+async def test_state_id_0_ends_the_array(m, autojump_clock):
+    """notes §9: the kernel iterates klp_patch.states up to the first entry
+    with id 0 (klp_for_each_state); entries after it do not exist for the
+    compatibility check or klp_get_state."""
+    assert m.load(spec("lp_a", {None: ["cmdline_proc_show"]}, states=[(0, 1), (1, 2)])) == 0
+    await settle()
+    assert klp_get_state(m.patch("lp_a"), 1) is None, \
+        "ENGINE BUG (notes §9): states after an id-0 entry are not part of the array"
+    assert m.load(spec("lp_c", {None: ["meminfo_proc_show"]}, states=[(1, 1)])) == 0

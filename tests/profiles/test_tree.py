@@ -189,3 +189,12 @@ async def test_attribute_values_through_a_lifecycle(m, version, autojump_clock):
     await settle()
     assert not m.exists("lp_p")                                 # freed
     assert values("lp_z") == expect(1, 0, 1, 1)                 # renumbered (6.14)
+
+
+async def test_nop_dir_keeps_old_sympos(m, autojump_clock):
+    """notes §6.1: a nop dir is named exactly like the old patch's func dir,
+    sympos included."""
+    assert m.load(spec("lp_a", {None: [("type_show", 2), "cmdline_proc_show"]})) == 0
+    await settle()
+    assert m.load(spec("lp_r", {None: ["cmdline_proc_show"]}, replace=True)) == 0
+    assert sorted(c for c in m.ls("lp_r/vmlinux") if c != "patched") == ["cmdline_proc_show,1", "type_show,2"]
