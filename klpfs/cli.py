@@ -159,6 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FSTAB_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "rw"}
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """mount.fuse.klpfs: what mount(8) runs for an fstab line of type fuse.klpfs.
+
+    It is called as `mount.fuse.klpfs SOURCE MNT -o OPTIONS`; `kernel=V` among
+    the options picks the profile, the rest are klpfs mount options.
+    """
+    parser = argparse.ArgumentParser(prog="mount.fuse.klpfs",
+                                     epilog="fstab example:\n  klpfs  /mnt/klp  fuse.klpfs  kernel=6.1,nofail  0 0",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", default="")
+    args = parser.parse_args(argv)
+    kernel = DEFAULT
+    options = []
+    for option in filter(None, args.options.split(",")):
+        if option.startswith("kernel="):
+            kernel = option.removeprefix("kernel=")
+        elif option not in FSTAB_ONLY:
+            options.append(option)
+    return main(["mount", "--kernel", kernel, *(["-o", ",".join(options)] if options else []), args.mountpoint])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("mount", "umount", "run", "shim"):

@@ -50,6 +50,8 @@ class Profile:
     """old_name and object names longer than the kernel's limits are -EINVAL (5.0 on)."""
     ksym_name_len: int
     """KSYM_NAME_LEN: 128, 512 from 6.1."""
+    null_checks_first: bool
+    """klp_enable_patch checks for missing objs/funcs before anything else (5.17 on)."""
     # -- transition --------------------------------------------------------------
     sysfs_signal: bool
     """<patch>/signal, 0200 (4.16 to 5.0, §2.6)."""
@@ -92,7 +94,7 @@ class Profile:
 LINUX_4_15 = Profile(
     version="4.15", release="4.15.0",
     immediate=True, register_api=True, stacking_rule=True, atomic_replace=False, system_states=False,
-    no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128,
+    no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128, null_checks_first=False,
     sysfs_signal=False, sysfs_force=False, force_marks=FORCE_NONE, auto_signals=False,
     stack_check_in_try_switch=False, cond_resched_switch=False,
     replaced_freed_after_callbacks=False,
@@ -113,7 +115,8 @@ LINUX_5_1 = LINUX_4_16.derive(
 
 LINUX_6_1 = LINUX_5_1.derive(
     "6.1", "6.1.0",
-    system_states=True, no_reliable_stack=WARN, ksym_name_len=512, force_marks=FORCE_REMOVED,
+    system_states=True, no_reliable_stack=WARN, ksym_name_len=512, null_checks_first=True,
+    force_marks=FORCE_REMOVED,
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
 )

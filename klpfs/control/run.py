@@ -78,7 +78,7 @@ class RunState:
 
 def _require_privilege() -> None:
     if os.geteuid() != 0:
-        raise RunError("klpfs run needs root: it makes a private mount namespace and mounts over "
+        raise RunError("needs root: it makes a private mount namespace and mounts over "
                        "/sys/kernel and /sys/module (CAP_SYS_ADMIN); run it with sudo, or in a "
                        "container started with --cap-add SYS_ADMIN --device /dev/fuse")
     if not os.path.exists("/dev/fuse"):

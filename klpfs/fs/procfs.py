@@ -9,6 +9,7 @@ to cat exactly when that task would see it.
 from __future__ import annotations
 
 from klpfs.kernel.kernel import Kernel
+from klpfs.kernel.module import taint_letters
 from klpfs.kernel.sched import Task, stack_lines
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 
@@ -47,7 +48,8 @@ class ProcFs:
         lines = []
         for mod in reversed(self._kernel.modules.modules.values()):
             size = sum(sym.size for sym in mod.symbols)
-            taints = f" ({mod.taints})" if mod.taints else ""
+            letters = taint_letters(mod.taint_mask)
+            taints = f" ({letters})" if letters else ""
             lines.append(f"{mod.name} {size} {mod.refcnt} - {mod.state.name.capitalize()} 0x0000000000000000{taints}\n")
         return "".join(lines)
 

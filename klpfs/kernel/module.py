@@ -41,10 +41,16 @@ MODULE_STATE_TEXT = {
 }
 
 # Taint flags as /proc/sys/kernel/tainted counts them.
-TAINT_FORCED_RMMOD = 7, "R"
+TAINT_FORCED_RMMOD = 3, "R"
 TAINT_OOT_MODULE = 12, "O"
 TAINT_UNSIGNED_MODULE = 13, "E"
 TAINT_LIVEPATCH = 15, "K"
+TAINT_FLAGS = sorted((TAINT_FORCED_RMMOD, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE, TAINT_LIVEPATCH))
+
+
+def taint_letters(mask: int) -> str:
+    """The letters of the set flags, in flag order (module_flags_taint)."""
+    return "".join(letter for bit, letter in TAINT_FLAGS if mask & 1 << bit)
 
 
 @dataclass(eq=False)
@@ -65,7 +71,8 @@ class Module:
     state: ModuleState = ModuleState.UNFORMED
     refcnt: int = 0
     klp_alive: bool = False
-    taints: str = ""
+    taint_mask: int = 0
+    """The taint flags this module set, as bits (module->taints)."""
     symbols: list[KSym] = field(default_factory=list)
     data: dict[str, object] = field(default_factory=dict)
     """Whatever the module's own code keeps (its klp_patch, its tasks)."""
@@ -89,17 +96,14 @@ class ModuleLoader:
         return self.modules.get(name)
 
     def taint_letters(self) -> str:
-        return "".join(letter for bit, letter in
-                       (TAINT_FORCED_RMMOD, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE, TAINT_LIVEPATCH)
-                       if self.tainted & 1 << bit)
+        return taint_letters(self.tainted)
 
     def _taint(self, mod: Module, flag: tuple[int, str], message: str | None, level: int) -> None:
         bit, letter = flag
         if message is not None and not self.tainted & 1 << bit:
             self._printk(level, f"{mod.name}: {message}")
         self.tainted |= 1 << bit
-        if letter not in mod.taints:
-            mod.taints += letter
+        mod.taint_mask |= 1 << bit
 
     def load_module(self, mod: Module) -> int:
         if mod.name in self.modules:

@@ -107,8 +107,8 @@ class Sched:
         self.exit_work: dict[str, Callable[[Task], None]] = {}
         """Flag -> handler run on return to user space and in the idle loop."""
         self.resched_work: dict[str, Callable[[Task], None]] = {}
-        """Flag -> handler a busy kthread runs at cond_resched(); it keeps running
-        it every tick while the flag stays set."""
+        """Flag -> handler a task busy in kernel code runs at cond_resched(); it
+        keeps running it every tick while the flag stays set."""
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
         self._next_pid = 1
@@ -317,7 +317,7 @@ class Sched:
             return self.exit_work if self.idle_running(task) else {}
         if task.in_user:
             return self.exit_work
-        if task.kind is TaskKind.KTHREAD and task.state == TASK_RUNNING:
+        if task.state == TASK_RUNNING:
             return self.resched_work
         return {}
 

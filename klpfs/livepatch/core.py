@@ -330,6 +330,7 @@ class Livepatch:
                     self.kernfs.remove(func.kobj)
                 obj.funcs.remove(func)
             if obj.dynamic:
+                klp_unpatch_object(self, obj)
                 self._klp_free_object(obj)
                 patch.objs.remove(obj)
 
@@ -356,9 +357,11 @@ class Livepatch:
             if not self.klp_is_patch_registered(patch):
                 return -errno.EINVAL
             return self._klp_enable_patch(patch)
-        if patch is None or patch.mod is None or patch.objs is None:
+        if patch is None or patch.mod is None:
             return -errno.EINVAL
-        if any(obj.funcs is None for obj in patch.objs):
+        # 5.17 moved the NULL objs/funcs checks ahead of everything else.
+        null_checks = (patch.objs is None or any(obj.funcs is None for obj in patch.objs))
+        if null_checks and self.profile.null_checks_first:
             return -errno.EINVAL
         ret = self._check_livepatch_module(patch)
         if ret:
@@ -366,6 +369,8 @@ class Livepatch:
         if self.profile.system_states and not klp_is_patch_compatible(self, patch):
             self.pr(KERN_ERR, f"Livepatch patch ({patch.name}) is not compatible with the "
                               "already installed livepatches.")
+            return -errno.EINVAL
+        if null_checks:
             return -errno.EINVAL
         if not self.kernel.modules.try_module_get(patch.mod):
             return -errno.ENODEV

@@ -133,9 +133,13 @@ def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
     if not lp.reliable_stacks:
         return False
     if lp.kernel.sched.task_curr(task):
-        err = f"klp_try_switch_task: {task.comm}:{task.pid} is running"
-    else:
-        err = klp_check_stack(lp, task)
+        lp.pr(KERN_DEBUG, f"klp_try_switch_task: {task.comm}:{task.pid} is running"[: STACK_ERR_BUF_SIZE - 1])
+        return False
+    return _switch_after_stack_check(lp, task)
+
+
+def _switch_after_stack_check(lp: Livepatch, task: Task) -> bool:
+    err = klp_check_stack(lp, task)
     if err is not None:
         lp.pr(KERN_DEBUG, err[: STACK_ERR_BUF_SIZE - 1])
         return False
@@ -145,17 +149,14 @@ def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
 
 
 def klp_cond_resched_switch(lp: Livepatch, task: Task) -> None:
-    """6.4-6.15: a busy task with the pending flag checks its own stack at
-    cond_resched() and switches unless it is in the code being replaced.
-
-    The kernel would print the per-task debug line on every failed check,
-    hundreds a second; the emulator stays quiet here.
-    """
+    """6.4-6.15: a busy task with the pending flag runs klp_try_switch_task on
+    itself at cond_resched(): no "is running" test (it is current), the usual
+    stack check and debug line otherwise."""
     if lp.klp_transition_patch is None or TIF_PATCH_PENDING not in task.flags:
         return
-    if klp_check_stack(lp, task) is None:
-        task.flags.discard(TIF_PATCH_PENDING)
-        task.patch_state = lp.klp_target_state
+    if task.patch_state == lp.klp_target_state or not lp.reliable_stacks:
+        return
+    _switch_after_stack_check(lp, task)
 
 
 def klp_try_complete_transition(lp: Livepatch) -> None:

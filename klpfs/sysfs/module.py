@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 
-from klpfs.kernel.module import Module, ModuleLoader, ModuleState
+from klpfs.kernel.module import Module, ModuleLoader, ModuleState, taint_letters
 from klpfs.kernel.params import param_get, param_set
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 from klpfs.sysfs.kobject import MODE_RO
@@ -37,7 +37,7 @@ class ModuleSysfs:
         node = kernfs.create_dir(self._kset, mod.name)
         kernfs.create_file(node, "refcnt", MODE_RO, lambda: f"{mod.refcnt}\n")
         kernfs.create_file(node, "initstate", MODE_RO, lambda: f"{_INITSTATE.get(mod.state, 'unformed')}\n")
-        kernfs.create_file(node, "taint", MODE_RO, lambda: f"{mod.taints}\n")
+        kernfs.create_file(node, "taint", MODE_RO, lambda: f"{taint_letters(mod.taint_mask)}\n")
         kernfs.create_dir(node, "holders")
         visible = {name: spec for name, spec in mod.param_specs.items() if spec[1]}
         if visible:

@@ -273,6 +273,7 @@ async def test_taint_lines_6_1(m, autojump_clock):
         f"ENGINE BUG (obs #22): module taint flags in the kernel's order O, E, K: "
         f"/sys/module/klp_stack_a/taint={taint!r}, /proc/modules={modules!r}")
     await settle()
+    m.take()
     assert (await m.insmod("klp-stack-b"))["ok"]
     assert m.take()[0] == "livepatch: enabling patch 'klp_stack_b'"
     await settle()
