@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,9 +26,7 @@ import pytest
 
 from klpfs.control.client import request
 from klpfs.control.samples import find_module_file
-from klpfs.fs.mountinfo import FSTYPE, find_mount
-
-DEADLINE = 10.0
+from klpfs.fs.child import DEADLINE, MountedChild
 
 
 class KlpfsError(Exception):
@@ -118,11 +113,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "klpfs(kernel='4.15', speed=1): options of the klpfs_emulator fixture")
 
 
-def _mounted(path: Path) -> bool:
-    entry = find_mount(str(path))
-    return entry is not None and entry.fstype == FSTYPE
-
-
 @pytest.fixture
 def klpfs_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     """A klpfs mount with its own daemon, unmounted after the test."""
@@ -132,30 +122,12 @@ def klpfs_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     options = marker.kwargs if marker is not None else {}
     kernel = str(options.get("kernel", "4.15"))
     path = Path(tempfile.mkdtemp(prefix="klpfs-pytest-"))
-    log = tempfile.TemporaryFile()
-    argv = [sys.executable, "-m", "klpfs", "mount", "-f", "--kernel", kernel,
-            f"-ospeed={options.get('speed', 1)}", str(path)]
-    daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + DEADLINE
-        while not _mounted(path):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"klpfs did not mount: {log.read().decode(errors='replace')}")
-            time.sleep(0.01)
-        yield Emulator(path, kernel)
-    finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
+        with tempfile.TemporaryFile() as log:
+            child = MountedChild(path, kernel, [f"speed={options.get('speed', 1)}"], log)
             try:
-                daemon.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        if _mounted(path):
-            subprocess.run(["fusermount3", "-uz", str(path)], check=False)
-        deadline = time.monotonic() + DEADLINE
-        while _mounted(path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        log.close()
+                yield Emulator(path, kernel)
+            finally:
+                child.stop()
+    finally:
         path.rmdir()

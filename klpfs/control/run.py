@@ -17,17 +17,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from klpfs.control import namespace
-from klpfs.fs.mountinfo import FSTYPE, find_mount
+from klpfs.fs.child import MountedChild, MountFailed
 
 SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg")
 STATE_ENV = "KLPFS_RUN_STATE"
-MOUNT_DEADLINE = 10.0
 
 
 class RunError(Exception):
@@ -86,37 +84,12 @@ def _require_privilege() -> None:
                        "--device /dev/fuse)")
 
 
-def _klpfs_argv() -> list[str]:
-    return [sys.executable, "-m", "klpfs"]
-
-
 def _write_shims(bindir: Path) -> None:
     bindir.mkdir()
     for tool in SHIMS:
         shim = bindir / tool
-        shim.write_text(f'#!/bin/sh\nexec {" ".join(_klpfs_argv())} shim {tool} "$@"\n')
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m klpfs shim {tool} "$@"\n')
         shim.chmod(0o755)
-
-
-def _start_daemon(state: RunState, kernel: str, options: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
-    state.mountpoint.mkdir()
-    log = open(state.workdir / "daemon.log", "ab")
-    argv = [*_klpfs_argv(), "mount", "-f", "--kernel", kernel, *[f"-o{o}" for o in options],
-            str(state.mountpoint)]
-    daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    deadline = time.monotonic() + MOUNT_DEADLINE
-    while not _mounted(state.mountpoint):
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            daemon.kill()
-            raise RunError("the klpfs daemon did not mount: "
-                           + (state.workdir / "daemon.log").read_text(errors="replace").strip())
-        time.sleep(0.01)
-    return daemon
-
-
-def _mounted(path: Path) -> bool:
-    entry = find_mount(str(path))
-    return entry is not None and entry.fstype == FSTYPE
 
 
 def _expose(state: RunState) -> None:
@@ -126,18 +99,6 @@ def _expose(state: RunState) -> None:
     namespace.bind(state.mountpoint / "sys/kernel/livepatch", "/sys/kernel/livepatch")
     namespace.overlay_dir(Path("/sys/module"), state.workdir / "host-module", skip=set())
     state.sync_modules()
-
-
-def _stop(daemon: subprocess.Popen) -> None:
-    for target in ("/sys/kernel", "/sys/module"):
-        namespace.detach(target)
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=MOUNT_DEADLINE)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
 
 
 def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Sequence[str],
@@ -154,7 +115,12 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
            STATE_ENV: str(state.workdir)}
     _write_shims(state.workdir / "bin")
     os.environ.update(env)
-    daemon = _start_daemon(state, kernel, options, env)
+    state.mountpoint.mkdir()
+    log = open(state.workdir / "daemon.log", "w+b")
+    try:
+        daemon = MountedChild(state.mountpoint, kernel, options, log, env)
+    except MountFailed as e:
+        raise RunError(str(e)) from None
     try:
         _expose(state)
         env["PATH"] = f"{state.workdir / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
@@ -167,7 +133,10 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
             _wait_for_interrupt(os.getpid())
         return status
     finally:
-        _stop(daemon)
+        for target in ("/sys/kernel", "/sys/module"):
+            namespace.detach(target)
+        daemon.stop()
+        log.close()
         for kept in ("host-kernel", "host-module"):
             namespace.detach(state.workdir / kept)
         shutil.rmtree(state.workdir, ignore_errors=True)
