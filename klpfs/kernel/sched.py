@@ -53,7 +53,7 @@ class Activity:
     __slots__ = ("func", "impl", "state", "wake_at", "timer", "on_wake")
 
     def __init__(self, func: KSym, impl: KSym, state: str, wake_at: float | None,
-                 on_wake: Callable[[], None] | None):
+                 on_wake: Callable[[], object] | None):
         self.func = func
         self.impl = impl
         self.state = state
@@ -219,7 +219,7 @@ class Sched:
         return impl
 
     def sleep_in(self, task: Task, func: KSym, impl: KSym, state: str, seconds: float | None = None,
-                 on_wake: Callable[[], None] | None = None) -> None:
+                 on_wake: Callable[[], object] | None = None) -> None:
         """The task, already inside impl, sleeps (or spins) there.
 
         A user task busy in user mode enters the kernel to do so.  When the

@@ -201,7 +201,7 @@ class ModuleCode:
                 assert frame.task is not None and frame.impl is not None and frame.called is not None
                 seconds = None if step.seconds is None else self.value(step.seconds)
                 kernel.sched.sleep_in(frame.task, frame.called, frame.impl, step.state, seconds,
-                                      lambda i=i: self._resume(steps, frame, i + 1))
+                                      lambda i=i: self.run(steps, frame, i + 1))
                 break
             elif isinstance(step, New):
                 frame.obj = kernel.kmalloc()
@@ -235,9 +235,6 @@ class ModuleCode:
         for obj in taken:
             expires.pop(obj, None)
         return "".join(out)
-
-    def _resume(self, steps: tuple[Step, ...], frame: Frame, start: int) -> None:
-        self.run(steps, frame, start)
 
     def call(self, name: str, frame: Frame) -> str:
         """Call a function by name through the ftrace path: this module's own first."""
