@@ -1,4 +1,9 @@
-"""The ``klpfs`` command: one subcommand per verb, like the kernel tools it stands in for."""
+"""The ``klpfs`` command: one subcommand per verb, like the kernel tools it stands in for.
+
+The control commands are run often (by scripts, in loops), so this module
+imports only what they need; the daemon, mount and run machinery (trio,
+pyfuse3, the engine) is imported by the commands that use it.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import trio
-
 from klpfs.control import commands as control
-from klpfs.control import run, shims
-from klpfs.fs.mount import MountError, MountOptions, mount, unmount
+from klpfs.control.run import SHIMS
 from klpfs.profiles import DEFAULT, PROFILES, get_profile
 
 if TYPE_CHECKING:
+    import trio
+
     from klpfs.system import System
 
 
@@ -56,15 +60,19 @@ class Daemon:
         self.kernfs = self.system.kernfs
         self.mountpoint = mountpoint
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
+        import trio
+
         from klpfs.control.server import serve_control
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, self.system, self.mountpoint)
-            task_status.started()
+            if task_status is not None:
+                task_status.started()
             await self.system.run()
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    from klpfs.fs.mount import MountError, MountOptions, mount
     try:
         options = MountOptions.parse(args.options)
     except MountError as exc:
@@ -83,6 +91,8 @@ examples:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from klpfs.control import run
+    from klpfs.fs.mount import MountError, MountOptions
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("klpfs run: no COMMAND given (klpfs run [options] -- COMMAND ...)", file=sys.stderr)
@@ -95,7 +105,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_shim(args: argparse.Namespace) -> int:
+    from klpfs.control import shims
+    return shims.main(args.tool, args.args)
+
+
 def _cmd_umount(args: argparse.Namespace) -> int:
+    from klpfs.fs.mount import MountError, unmount
     try:
         unmount(args.mountpoint)
     except MountError as exc:
@@ -153,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_cmd_run)
 
     cmd = commands.add_parser("shim", help=argparse.SUPPRESS)
-    cmd.add_argument("tool", choices=sorted(shims.TOOLS))
+    cmd.add_argument("tool", choices=sorted(SHIMS))
     cmd.add_argument("args", nargs=argparse.REMAINDER)
-    cmd.set_defaults(func=lambda args: shims.main(args.tool, args.args))
+    cmd.set_defaults(func=_cmd_shim)
     return parser
 
 

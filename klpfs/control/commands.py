@@ -45,8 +45,8 @@ EXAMPLES = {
 }
 
 
-def _mount_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--mount", metavar="MNT", default=os.environ.get("KLPFS_MOUNT"),
+def _mount_arg(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument("-m", "--mount", metavar="MNT", default=default,
                         help="the klpfs mountpoint to drive (default: $KLPFS_MOUNT, or the only daemon running)")
 
 
@@ -55,7 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     def sub(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
-        _mount_arg(parser)
+        _mount_arg(parser, os.environ.get("KLPFS_MOUNT"))
         return parser
 
     p = sub("insmod", "load a module file into the emulated kernel")
@@ -82,11 +82,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub("task", "script tasks: add, sleep in a function, wake, run, exit")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("add", help="fork a new task")
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        # -m may come after the action too; SUPPRESS keeps the task-level value otherwise.
+        parser = actions.add_parser(name, help=help_text)
+        _mount_arg(parser, argparse.SUPPRESS)
+        return parser
+
+    a = action("add", "fork a new task")
     a.add_argument("comm", help="its name (1-15 characters)")
     a.add_argument("--kthread", action="store_true", help="a kernel thread (default: a user process)")
     a.add_argument("--ppid", type=int, help="parent (default: kthreadd, or the console shell)")
-    a = actions.add_parser("sleep", help="make a task call FUNC and sleep inside it")
+    a = action("sleep", "make a task call FUNC and sleep inside it")
     a.add_argument("pid", type=int)
     a.add_argument("function")
     a.add_argument("--seconds", type=float, help="wake after this long (default: until woken)")
@@ -94,7 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="sleep in state S, which a (fake) signal interrupts (default: D)")
     for name, text in (("wake", "end a task's sleep inside a function"),
                        ("run", "make a task busy on a CPU"), ("exit", "end a task")):
-        actions.add_parser(name, help=text).add_argument("pid", type=int)
+        action(name, text).add_argument("pid", type=int)
     p.set_defaults(func=cmd_task)
 
     p = sub("call", "run an emulated function as a task and say which implementation answered")

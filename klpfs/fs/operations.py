@@ -2,7 +2,7 @@
 
 What a process sees must be what it would see under /sys:
 
-* attributes report size 4096, directories size 0 and 2 + subdirectories
+* sysfs attributes report size 4096, proc files and directories size 0, directories 2 + subdirectories
   links, everything belongs to root, timestamps are the node's creation time;
 * opening an attribute applies Kernfs.open_check for the access mode, so a
   0444 file cannot be opened for writing and a 0200 one not for reading,
@@ -135,11 +135,9 @@ class KernfsOperations(pyfuse3.Operations):
         attrs.st_ino = node.ino
         attrs.st_mode = node.mode
         attrs.entry_timeout = attrs.attr_timeout = CACHE_TIMEOUT
+        attrs.st_size = node.size
         if node.children is not None:
             attrs.st_nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
-            attrs.st_size = 0
-        else:
-            attrs.st_size = PAGE_SIZE
         seconds = int(node.ctime)
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = (
             seconds * 1_000_000_000 + round((node.ctime - seconds) * 1e9))

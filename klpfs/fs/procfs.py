@@ -30,10 +30,10 @@ class ProcFs:
         self._kernel = kernel
         self._dirs: dict[int, KernfsNode] = {}
         for name, func in SHOW_FUNCTIONS.items():
-            kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func))
-        kernfs.create_file(proc, "modules", 0o444, self._modules)
+            kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func), size=0)
+        kernfs.create_file(proc, "modules", 0o444, self._modules, size=0)
         sys_kernel = kernfs.create_dir(kernfs.create_dir(proc, "sys", 0o555), "kernel", 0o555)
-        kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n")
+        kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n", size=0)
         for task in kernel.sched.tasks.values():
             self._task_event("fork", task)
         kernel.sched.task_notifiers.append(self._task_event)
@@ -67,7 +67,7 @@ class ProcFs:
 
     def _task_files(self, node: KernfsNode, task: Task) -> None:
         kernfs = self._kernfs
-        kernfs.create_file(node, "comm", 0o644, lambda: f"{task.comm}\n")
-        kernfs.create_file(node, "patch_state", 0o400, lambda: f"{task.patch_state}\n")
+        kernfs.create_file(node, "comm", 0o644, lambda: f"{task.comm}\n", size=0)
+        kernfs.create_file(node, "patch_state", 0o400, lambda: f"{task.patch_state}\n", size=0)
         kernfs.create_file(node, "stack", 0o400,
-                           lambda: "".join(f"{line}\n" for line in stack_lines(self._kernel.sched.stack(task))))
+                           lambda: "".join(f"{line}\n" for line in stack_lines(self._kernel.sched.stack(task))), size=0)

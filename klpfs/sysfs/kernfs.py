@@ -41,7 +41,7 @@ class KernfsListener(Protocol):
 class KernfsNode:
     """One directory or attribute; an attribute has show and/or store."""
 
-    __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime")
+    __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime", "size")
 
     def __init__(self, name: str, mode: int, parent: KernfsNode | None, ino: int,
                  show: Show | None = None, store: Store | None = None, ctime: float = 0.0):
@@ -54,6 +54,8 @@ class KernfsNode:
         self.store = store
         self.active = True
         self.ctime = ctime
+        self.size = PAGE_SIZE if self.children is None else 0
+        """What stat reports: sysfs attributes claim a page, directories and proc files 0."""
 
     @property
     def is_dir(self) -> bool:
@@ -112,8 +114,10 @@ class Kernfs:
         return self._add(parent, KernfsNode(name, stat.S_IFDIR | mode, parent, 0))
 
     def create_file(self, parent: KernfsNode, name: str, mode: int,
-                    show: Show | None = None, store: Store | None = None) -> KernfsNode:
-        return self._add(parent, KernfsNode(name, stat.S_IFREG | mode, parent, 0, show, store))
+                    show: Show | None = None, store: Store | None = None, size: int = PAGE_SIZE) -> KernfsNode:
+        node = KernfsNode(name, stat.S_IFREG | mode, parent, 0, show, store)
+        node.size = size
+        return self._add(parent, node)
 
     def _add(self, parent: KernfsNode, node: KernfsNode) -> KernfsNode:
         assert parent.children is not None, "parent must be a directory"
