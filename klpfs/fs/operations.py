@@ -32,6 +32,7 @@ import bisect
 import errno
 import logging
 import os
+import stat
 import time
 
 import pyfuse3
@@ -186,6 +187,15 @@ class KernfsOperations(pyfuse3.Operations):
             return attrs if attrs is not None else self._attr(self._inode(inode))
         except Exception as exc:
             raise _answer(exc, "getattr", inode) from None
+
+    async def readlink(self, inode: int, ctx: object) -> bytes:
+        try:
+            node = self._inode(inode)
+            if not stat.S_ISLNK(node.mode) or node.show is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return node.show().encode()
+        except Exception as exc:
+            raise _answer(exc, "readlink", inode) from None
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,

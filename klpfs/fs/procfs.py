@@ -32,6 +32,8 @@ class ProcFs:
         for name, func in SHOW_FUNCTIONS.items():
             kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func), size=0)
         kernfs.create_file(proc, "modules", 0o444, self._modules, size=0)
+        # Whoever reads the mount stands for the console shell's children, as `cat` would be.
+        kernfs.create_link(proc, "self", lambda: str(kernel.console.pid))
         sys_kernel = kernfs.create_dir(kernfs.create_dir(proc, "sys", 0o555), "kernel", 0o555)
         kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n", size=0)
         for task in kernel.sched.tasks.values():

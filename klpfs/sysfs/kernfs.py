@@ -119,6 +119,12 @@ class Kernfs:
         node.size = size
         return self._add(parent, node)
 
+    def create_link(self, parent: KernfsNode, name: str, target: Show) -> KernfsNode:
+        """A symlink whose target is computed when it is read (procfs's /proc/self)."""
+        node = KernfsNode(name, stat.S_IFLNK | 0o777, parent, 0, show=target)
+        node.size = 0
+        return self._add(parent, node)
+
     def _add(self, parent: KernfsNode, node: KernfsNode) -> KernfsNode:
         assert parent.children is not None, "parent must be a directory"
         if not parent.active:
