@@ -63,7 +63,8 @@ def body_text(patch: str, old: str) -> str:
 
 def spec(name: str, objs: dict[str | None, list] | None = None, *, immediate: bool = False,
          callbacks: dict[str | None, dict[str, Callable]] | None = None, livepatch: bool = True,
-         new_size: int = 0x40) -> PatchModuleSpec:
+         new_size: int = 0x40, replace: bool = False, states: list[tuple[int, int]] | None = None
+         ) -> PatchModuleSpec:
     """A patch module `name`.
 
     objs maps an object (None = vmlinux, else a module name) to its funcs; a
@@ -89,7 +90,8 @@ def spec(name: str, objs: dict[str | None, list] | None = None, *, immediate: bo
                 functions.append(FuncDef(nn, new_size, const_body(body_text(name, old))))
             fspecs.append(FuncSpec(old, nn, old_sympos=pos, immediate=imm))
         objspecs.append(ObjectSpec(obj, fspecs, callbacks=dict(callbacks.get(obj, {}))))
-    return PatchModuleSpec(name, functions, objspecs, immediate=immediate, livepatch=livepatch)
+    return PatchModuleSpec(name, functions, objspecs, immediate=immediate, livepatch=livepatch,
+                           replace=replace, states=list(states or []))
 
 
 def target_module(name: str, funcs: list[str] | None = None, *, notrace: tuple[str, ...] = (),
@@ -191,7 +193,7 @@ class Machine:
         return self.kernfs.walk(path)
 
     def lp_node(self, rel: str) -> KernfsNode | None:
-        return self.kernfs.walk(f"{LP}/{rel}")
+        return self.kernfs.walk(f"{LP}/{rel}") if rel else self.kernfs.walk(LP)
 
     def read(self, rel: str) -> bytes | int:
         node = self.lp_node(rel)
@@ -243,15 +245,15 @@ class Machine:
         mod.exit = exit_
         return self.kernel.modules.load_module(mod)
 
-    def rmmod(self, name: str) -> int:
-        return self.kernel.modules.delete_module(name)
+    def rmmod(self, name: str, flags: int = 0) -> int:
+        return self.kernel.modules.delete_module(name, flags)
 
     def module(self, name: str) -> Module | None:
         return self.kernel.modules.find_module(name)
 
     def refcnt(self, name: str) -> int:
         mod = self.module(name)
-        assert mod is not None
+        assert mod is not None, f"module {name} not loaded"
         return mod.refcnt
 
     def patch(self, name: str) -> KlpPatch:

@@ -32,14 +32,13 @@ import trio.testing
 
 from klpfs.control.ops import Control
 from klpfs.control.samples import find_module_file
-from klpfs.kernel.kallsyms import FuncDef, KSym, const_body
 from klpfs.kernel.module import Module
 from klpfs.kernel.printk import KERN_INFO
-from klpfs.kernel.sched import Task, TaskKind
-from klpfs.livepatch.structs import KlpPatch
-from klpfs.modules.livepatch_module import FuncSpec, ObjectSpec, PatchModuleSpec
-from klpfs.sysfs.kernfs import Kernfs, KernfsNode
+from klpfs.sysfs.kernfs import KernfsNode
 from klpfs.system import System
+
+from engine.conftest import ORIGINAL, STATE_TEXT, autojump_clock, new_name, spec, target_module  # noqa: F401
+from engine.conftest import Machine as EngineMachine
 
 LP = "sys/kernel/livepatch"
 LATER = ("5.1", "6.1", "6.11", "6.14")
@@ -51,13 +50,6 @@ EINVAL, EBUSY, EAGAIN, ENOENT, ENODEV, EACCES = (
     errno.EINVAL, errno.EBUSY, errno.EAGAIN, errno.ENOENT, errno.ENODEV, errno.EACCES)
 assert errno.EWOULDBLOCK == errno.EAGAIN
 
-ORIGINAL = "<original>"
-
-STATE_TEXT = {
-    "LIVE": "[MODULE_STATE_LIVE] Normal state",
-    "COMING": "[MODULE_STATE_COMING] Full formed, running module_init",
-    "GOING": "[MODULE_STATE_GOING] Going away",
-}
 
 SIGNAL_LINE = "livepatch: signaling remaining tasks"
 FORCE_LINE = "livepatch: forcing remaining tasks to the patched state"
@@ -86,64 +78,9 @@ def check_fn(version: str) -> str:
     return "klp_check_stack" if version == "5.1" else "klp_try_switch_task"
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 # ---------------------------------------------------------------------------
 # Patch and module builders
 # ---------------------------------------------------------------------------
-
-def new_name(patch: str, old: str) -> str:
-    return f"{patch}__{old}"
-
-
-def spec(name: str, objs: dict[str | None, list] | None = None, *, replace: bool = False,
-         states: list[tuple[int, int]] | None = None,
-         callbacks: dict[str | None, dict[str, Callable]] | None = None,
-         livepatch: bool = True, new_size: int = 0x40) -> PatchModuleSpec:
-    """A patch module `name`.
-
-    objs maps an object (None = vmlinux, else a module name) to its funcs; a
-    func is an old_name or (old_name, old_sympos).  The replacement of old_name
-    is the module's function `<name>__<old_name>`, printing "<name>:<old_name>".
-    """
-    if objs is None:
-        objs = {None: ["cmdline_proc_show"]}
-    callbacks = callbacks or {}
-    functions: list[FuncDef] = []
-    objspecs: list[ObjectSpec] = []
-    for obj, funcs in objs.items():
-        fspecs = []
-        for f in funcs:
-            old, pos = (f, 0) if isinstance(f, str) else (f[0], f[1])
-            nn = new_name(name, old) + (f"__{pos}" if pos else "")
-            if all(fd.name != nn for fd in functions):
-                functions.append(FuncDef(nn, new_size, const_body(f"{name}:{old}\n")))
-            fspecs.append(FuncSpec(old, nn, old_sympos=pos))
-        objspecs.append(ObjectSpec(obj, fspecs, callbacks=dict(callbacks.get(obj, {}))))
-    return PatchModuleSpec(name, functions, objspecs, livepatch=livepatch, replace=replace,
-                           states=list(states or []))
-
-
-def target_module(name: str, funcs: list[str] | None = None, *,
-                  printk: Callable[[int, str], None] | None = None) -> Module:
-    """An ordinary module whose functions print "<name>:<func>"; init/exit log when printk is given."""
-    funcs = funcs or [f"{name}_func"]
-    defs = [FuncDef(f, 0x80, const_body(f"{name}:{f}\n")) for f in funcs]
-
-    def init(mod: Module) -> int:
-        if printk is not None:
-            printk(KERN_INFO, f"{name}: {name}_init")
-        return 0
-
-    def exit_(mod: Module) -> None:
-        if printk is not None:
-            printk(KERN_INFO, f"{name}: {name}_exit")
-
-    return Module(name, defs, init=init, exit=exit_)
-
 
 def logging_callbacks(printk: Callable[[int, str], None], prefix: str,
                       pre_patch_ret: int = 0) -> dict[str, Callable]:
@@ -228,57 +165,17 @@ class Recorder:
 # The machine under test
 # ---------------------------------------------------------------------------
 
-class Machine:
-    """A booted System plus the small verbs the tests use."""
+class Machine(EngineMachine):
+    """The engine tests' machine, plus the profile's version, the control
+    operations (insmod of module files, rmmod) and tree helpers."""
 
     def __init__(self, system: System, version: str):
-        self.system = system
+        super().__init__(system)
         self.version = version
-        self.kernel = system.kernel
-        self.lp = system.livepatch
-        self.kernfs = system.kernfs
-        self.sched = system.kernel.sched
         self.control = Control(system)
-        self.mark = 0
-
-    # -- log -------------------------------------------------------------------
-    def lines(self) -> list[str]:
-        return self.kernel.log.lines()
-
-    def take(self) -> list[str]:
-        """Log lines printed since the previous take()."""
-        lines = self.lines()
-        new = lines[self.mark:]
-        self.mark = len(lines)
-        return new
-
-    def take_lp(self) -> list[str]:
-        """Like take(), without the per-task debug lines about idle (swapper) tasks."""
-        return [ln for ln in self.take() if "swapper/" not in ln]
-
-    def records(self):
-        return list(self.kernel.log.records)
 
     def times_of(self, text: str) -> list[float]:
         return [r.timestamp for r in self.records() if r.text == text]
-
-    @property
-    def debug(self) -> bool:
-        return self.kernel.log.debug_enabled
-
-    @debug.setter
-    def debug(self, on: bool) -> None:
-        self.kernel.log.debug_enabled = on
-
-    def printk(self, level: int, text: str) -> None:
-        self.kernel.printk(level, text)
-
-    # -- sysfs -------------------------------------------------------------------
-    def node(self, path: str) -> KernfsNode | None:
-        return self.kernfs.walk(path)
-
-    def lp_node(self, rel: str) -> KernfsNode | None:
-        return self.kernfs.walk(f"{LP}/{rel}") if rel else self.kernfs.walk(LP)
 
     def exists(self, rel: str) -> bool:
         return self.lp_node(rel) is not None
@@ -308,63 +205,14 @@ class Machine:
         assert node is not None, f"{LP}/{rel} does not exist"
         return stat.S_IMODE(node.mode)
 
-    def read(self, rel: str) -> bytes | int:
-        node = self.lp_node(rel)
-        assert node is not None, f"{LP}/{rel} does not exist"
-        return Kernfs.read(node, 0, 4096)
-
-    def write(self, rel: str, data: bytes) -> int:
-        node = self.lp_node(rel)
-        assert node is not None, f"{LP}/{rel} does not exist"
-        return Kernfs.write(node, data)
-
-    def enabled(self, patch: str) -> bytes | int:
-        return self.read(f"{patch}/enabled")
-
-    def transition(self, patch: str) -> bytes | int:
-        return self.read(f"{patch}/transition")
-
-    def state(self, patch: str) -> tuple[int, int]:
-        """(enabled, transition) as read from sysfs."""
-        e, t = self.enabled(patch), self.transition(patch)
-        assert isinstance(e, bytes) and isinstance(t, bytes), (e, t)
-        return int(e), int(t)
-
     def patched(self, patch: str, obj: str = "vmlinux") -> int:
         v = self.read(f"{patch}/{obj}/patched")
         assert isinstance(v, bytes), v
         return int(v)
 
-    def proc_patch_state(self, task: Task) -> bytes | int:
-        node = self.kernfs.walk(f"proc/{task.pid}/patch_state")
-        assert node is not None
-        return Kernfs.read(node, 0, 100)
-
-    # -- modules -----------------------------------------------------------------
-    def load(self, what: PatchModuleSpec | Module) -> int:
-        mod = what.build(self.lp) if isinstance(what, PatchModuleSpec) else what
-        return self.kernel.modules.load_module(mod)
-
-    def rmmod(self, name: str, flags: int = 0) -> int:
-        return self.kernel.modules.delete_module(name, flags)
-
-    def module(self, name: str) -> Module | None:
-        return self.kernel.modules.find_module(name)
-
-    def refcnt(self, name: str) -> int:
-        mod = self.module(name)
-        assert mod is not None, f"module {name} not loaded"
-        return mod.refcnt
-
-    def patch(self, name: str) -> KlpPatch:
-        mod = self.module(name)
-        assert mod is not None, f"module {name} not loaded"
-        return mod.data["patch"]
-
     def listed(self) -> list[str]:
         return [p.name for p in self.lp.klp_patches]
 
-    # -- control (module files, as the CLI does) -----------------------------------
     async def ctl(self, cmd: str, **args: Any) -> dict:
         return await self.control.handle({"cmd": cmd, **args})
 
@@ -382,46 +230,6 @@ class Machine:
 
     async def rmmod_ctl(self, name: str) -> dict:
         return await self.ctl("rmmod", name=name)
-
-    # -- symbols and calls -------------------------------------------------------
-    def sym(self, name: str, module: str | None = None, pos: int = 1) -> KSym:
-        syms = [s for s in self.kernel.kallsyms.symbols(module) if s.name == name]
-        assert len(syms) >= pos, f"no {name} #{pos} in {module or 'vmlinux'}"
-        return syms[pos - 1]
-
-    def call(self, name: str, task: Task, module: str | None = None, pos: int = 1) -> str:
-        """What calling `name` prints when `task` calls it: ORIGINAL or the replacement's text."""
-        func = self.sym(name, module, pos)
-        res = self.kernel.call(func, task)
-        if res.impl is func:
-            return ORIGINAL
-        return res.output.rstrip("\n")
-
-    # -- tasks -------------------------------------------------------------------
-    def kthread(self, comm: str = "kt") -> Task:
-        base = [self.kernel.kallsyms.find(n) for n in ("ret_from_fork", "kthread", "worker_thread")]
-        return self.sched.add(comm, TaskKind.KTHREAD, base, ppid=2)
-
-    def user(self, comm: str = "ut", ppid: int = 1) -> Task:
-        base = [self.kernel.kallsyms.find(n) for n in ("entry_SYSCALL_64_after_hwframe", "do_syscall_64")]
-        return self.sched.add(comm, TaskKind.USER, base, ppid=ppid)
-
-    def blocker(self, comm: str = "busy") -> Task:
-        """A kthread spinning on a CPU in its resting code: "is running"."""
-        t = self.kthread(comm)
-        self.sched.run(t)
-        return t
-
-    def sleeper(self, func: str, comm: str = "sleeper", kind: TaskKind = TaskKind.KTHREAD,
-                state: str = "D", module: str | None = None, pos: int = 1,
-                seconds: float | None = None) -> Task:
-        """A task asleep inside `func` (whatever implementation the call reaches)."""
-        t = self.kthread(comm) if kind is TaskKind.KTHREAD else self.user(comm)
-        self.sched.enter(t, self.sym(func, module, pos), state, seconds)
-        return t
-
-    def all_tasks(self) -> list[Task]:
-        return list(self.sched.tasks.values()) + list(self.sched.idle_tasks)
 
 
 def make_machine(nursery: trio.Nursery, version: str, reliable_stacks: bool = True,
