@@ -132,7 +132,7 @@ async def test_reversal_restarts_the_count(m, autojump_clock):
     assert m.load(P) == 0
     await settle()
     assert m.state("lp_p") == (1, 0)
-XX
+    m.sleeper("cmdline_proc_show", comm="ktd", state="D")   # in lp_p's code
     assert m.write("lp_p/enabled", b"0") == 1          # t = 1.5
     await until(3.5)
     k2 = m.sleeper("cmdline_proc_show", comm="kt2", state="D")   # switched already: the original
