@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from klpfs.control.client import ControlError, request, stream
+from klpfs.control.run import sync_after_module_change
 from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, list_samples
 from klpfs.kernel.printk import LEVEL_NAMES
@@ -137,6 +138,7 @@ def cmd_insmod(args: argparse.Namespace) -> int:
         return _error("insmod", f"could not load module {args.file}: {e}")
     reply = request(args.mount, "insmod", path=str(path), text=text, params=args.params)
     if reply["ok"]:
+        sync_after_module_change()
         return 0
     if reply.get("file_error"):
         _error("insmod", f"could not insert module {args.file}: Invalid module format")
@@ -148,6 +150,7 @@ def cmd_insmod(args: argparse.Namespace) -> int:
 def cmd_rmmod(args: argparse.Namespace) -> int:
     reply = request(args.mount, "rmmod", name=args.name)
     if reply["ok"]:
+        sync_after_module_change()
         return 0
     if reply.get("not_loaded"):
         return _error("rmmod", f"Module {reply['name']} is not currently loaded")

@@ -74,6 +74,13 @@ class RunState:
         record.write_text(json.dumps(sorted(bound & emulated)))
 
 
+def sync_after_module_change() -> None:
+    """Inside a `klpfs run`, show a module that came or went under /sys/module."""
+    state = RunState.current()
+    if state is not None:
+        state.sync_modules()
+
+
 def _require_privilege() -> None:
     if os.geteuid() != 0:
         raise RunError("needs root: it makes a private mount namespace and mounts over "

@@ -16,7 +16,7 @@ from pathlib import Path
 from klpfs.control.client import ControlError, request, stream
 from klpfs.control.commands import format_record, print_lsmod
 from klpfs.control.modfile import ModuleFile, ModuleFileError, load_module_file
-from klpfs.control.run import RunState
+from klpfs.control.run import RunState, sync_after_module_change
 from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, module_stem
 from klpfs.kernel.printk import LEVEL_NAMES
@@ -42,12 +42,6 @@ def _resolve(name: str) -> Path | None:
     if path.suffix == ".toml" and path.is_file():
         return path
     return find_module_file(module_stem(name), _search())
-
-
-def _after_change() -> None:
-    state = RunState.current()
-    if state is not None:
-        state.sync_modules()
 
 
 def _load(path: Path, params: list[str]) -> dict:
@@ -77,14 +71,14 @@ def insmod(argv: list[str]) -> int:
         if reply.get("file_error"):
             print(reply["error"], file=sys.stderr)
         return 1
-    _after_change()
+    sync_after_module_change()
     return 0
 
 
 def _remove(name: str, tool: str) -> int:
     reply = request(None, "rmmod", name=name)
     if reply["ok"]:
-        _after_change()
+        sync_after_module_change()
         return 0
     stem = module_stem(name)
     if tool == "modprobe":
@@ -134,7 +128,7 @@ def modprobe(argv: list[str]) -> int:
     if not reply["ok"]:
         print(f"modprobe: ERROR: could not insert '{module_stem(args.module)}': {reply['error']}", file=sys.stderr)
         return 1
-    _after_change()
+    sync_after_module_change()
     return 0
 
 

@@ -154,3 +154,33 @@ def test_needs_root() -> None:
     assert run.returncode == 1
     assert run.stderr.startswith("klpfs run: needs root: it makes a private mount namespace and mounts over "
                                  "/sys/kernel and /sys/module (CAP_SYS_ADMIN)")
+
+
+def test_klpfs_commands_inside_a_run_show_modules_too() -> None:
+    require_fuse()
+    script = ("klpfs insmod livepatch-callbacks-mod && cat /sys/module/livepatch_callbacks_mod/initstate "
+              "&& klpfs rmmod livepatch_callbacks_mod && ls /sys/module/livepatch_callbacks_mod")
+    run = subprocess.run([*KLPFS, "run", "--", "sh", "-c", script], capture_output=True, text=True,
+                         timeout=6 * DEADLINE, env={"PATH": f"{Path(KLPFS[0]).parent}:/usr/bin:/bin"})
+    assert run.returncode == 2 and run.stdout == "live\n", run.stderr
+    assert "No such file or directory" in run.stderr
+
+
+def test_keep_mounted_stays_until_interrupted() -> None:
+    require_fuse()
+    proc = subprocess.Popen([*KLPFS, "run", "--keep-mounted", "--", "sh", "-c", "exit 5"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("klpfs run: the emulator stays up; enter it with: nsenter --mount --target ")
+        pid = int(line.rsplit(" ", 1)[1])
+        listing = subprocess.run(["nsenter", "--mount", f"--target={pid}", "ls", "-d", "/sys/kernel/livepatch"],
+                                 capture_output=True, text=True, timeout=DEADLINE)
+        assert listing.stdout == "/sys/kernel/livepatch\n"
+        proc.terminate()
+        assert proc.wait(timeout=DEADLINE) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
