@@ -356,5 +356,7 @@ def return_address(sym: KSym) -> int:
 
 
 def stack_lines(frames: list[KSym]) -> list[str]:
-    """/proc/<pid>/stack lines, innermost first, addresses hidden as the kernel does."""
-    return [f"[<0>] {sym.name}+{sym.size // 2:#x}/{sym.size:#x}" for sym in reversed(frames)]
+    """/proc/<pid>/stack lines, innermost first: "[<0>] %pB", the address hidden
+    and a module function followed by its module's name."""
+    return [f"[<0>] {sym.name}+{sym.size // 2:#x}/{sym.size:#x}" + (f" [{sym.module}]" if sym.module else "")
+            for sym in reversed(frames)]

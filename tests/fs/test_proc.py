@@ -38,3 +38,16 @@ def test_proc_files_report_size_zero(klpfs_mount: Mount) -> None:
         assert os.stat(klpfs_mount.path / name).st_size == 0, name
     assert (klpfs_mount.path / "proc/version").read_text().startswith("Linux version 4.15.0 ")
     assert (klpfs_mount.path / "proc/1/comm").read_text() == "systemd\n"
+
+
+def test_stack_of_a_task_in_a_module_function(mount_klpfs) -> None:
+    m = mount_klpfs(options=["speed=10"])
+    klpfs(m, "insmod", "klp-busy")
+    pid = next(line.split()[0] for line in klpfs(m, "ps").splitlines() if " klp_busy " in line)
+    assert (m.path / f"proc/{pid}/stack").read_text() == (
+        "[<0>] __schedule+0x450/0x8a0\n"
+        "[<0>] schedule+0x40/0x80\n"
+        "[<0>] schedule_timeout+0x150/0x2a0\n"
+        "[<0>] busy_fn+0x20/0x40 [klp_busy]\n"
+        "[<0>] kthread+0x9c/0x138\n"
+        "[<0>] ret_from_fork+0x1a/0x35\n")
