@@ -186,6 +186,13 @@ class _Parser:
             raise self.error(f"{where}.{key}", f"{value!r} is not a valid symbol name")
         return value
 
+    def own_function(self, raw: dict[str, Any], key: str, where: str, own: set[str]) -> str:
+        """A required name that must be one of the module's own [[function]]s."""
+        name = self.name(raw, key, where)
+        if name not in own:
+            raise self.error(f"{where}.{key}", f"{name!r} is not one of this module's functions")
+        return name
+
     def value(self, raw: Any, where: str) -> p.Value:
         """A number or a "{param}" naming an int parameter."""
         if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
@@ -346,9 +353,7 @@ class _Parser:
             if not isinstance(w, dict):
                 raise self.error(where, "must be a table such as { func = \"...\", delay = 0 }")
             self.keys(w, where, {"func", "delay", "every"})
-            func = self.name(w, "func", where)
-            if func not in own:
-                raise self.error(f"{where}.func", f"{func!r} is not one of this module's functions")
+            func = self.own_function(w, "func", where, own)
             every = w.get("every")
             mf.work.append(Work(func, self.value(w.get("delay", 0), f"{where}.delay"),
                                 None if every is None else self.value(every, f"{where}.every")))
@@ -360,9 +365,7 @@ class _Parser:
             comm = self.get(k, "comm", where, str, required=True)
             if not 0 < len(comm) < 16:
                 raise self.error(f"{where}.comm", "must be 1 to 15 characters")
-            func = self.name(k, "func", where)
-            if func not in own:
-                raise self.error(f"{where}.func", f"{func!r} is not one of this module's functions")
+            func = self.own_function(k, "func", where, own)
             mf.kthreads.append(Kthread(comm, func))
         exit_ = self.table(raw, "exit", "exit", {"function", "run"})
         mf.exit_func = self.name(exit_, "function", "exit", required=False) or f"{mf.name}_exit"
@@ -407,9 +410,7 @@ class _Parser:
                 if not isinstance(f, dict):
                     raise self.error(fwhere, "must be a table")
                 self.keys(f, fwhere, {"old_name", "new_func", "old_sympos", "immediate"})
-                new_func = self.name(f, "new_func", fwhere)
-                if new_func not in own:
-                    raise self.error(f"{fwhere}.new_func", f"{new_func!r} is not one of this module's functions")
+                new_func = self.own_function(f, "new_func", fwhere, own)
                 sympos = self.get(f, "old_sympos", fwhere, int, 0)
                 if sympos < 0:
                     raise self.error(f"{fwhere}.old_sympos", "must not be negative")

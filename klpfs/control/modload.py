@@ -14,7 +14,7 @@ from klpfs.kernel.kallsyms import FuncDef
 from klpfs.kernel.params import param_set
 from klpfs.kernel.module import MODULE_STATE_TEXT, Module
 from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
-from klpfs.kernel.sched import TaskKind
+from klpfs.kernel.sched import KTHREAD_BASE, TaskKind
 from klpfs.kernel.timers import Timer
 from klpfs.livepatch.structs import KlpObject, KlpState
 from klpfs.modules.livepatch_module import (
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from klpfs.kernel.sched import Task
     from klpfs.system import System
 
-KTHREAD_BASE = ("ret_from_fork", "kthread")
 
 
 def apply_params(mf: ModuleFile, args: list[str], system: System) -> dict[str, object] | int:
@@ -91,7 +90,7 @@ def _init(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> int:
                         for work in mf.work]
     threads: list[Task] = []
     mod.data["kthreads"] = threads
-    base = [sym for name in KTHREAD_BASE if (sym := kernel.kallsyms.find(name)) is not None]
+    base = kernel.kallsyms.find_each(KTHREAD_BASE)
     for kt in mf.kthreads:
         task = kernel.sched.add(kt.comm, TaskKind.KTHREAD, base, ppid=2)
         threads.append(task)

@@ -21,14 +21,11 @@ from klpfs.control.samples import module_stem
 from klpfs.modules.program import IfPrevState, ShadowAlloc, ShadowFree
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
 from klpfs.kernel.sched import (
-    IDLE_REST_FRAMES, REST_FRAMES, SLEEP_FRAMES, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
+    IDLE_REST_FRAMES, KTHREAD_BASE, REST_FRAMES, SLEEP_FRAMES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
 from klpfs.kernel.timers import TICK
 from klpfs.system import System
 
 Reply = dict[str, Any]
-USER_BASE = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_nanosleep", "hrtimer_nanosleep",
-             "do_nanosleep")
-KTHREAD_BASE = ("ret_from_fork", "kthread")
 SCHED_FRAMES = {*REST_FRAMES, *IDLE_REST_FRAMES, *(f for frames in SLEEP_FRAMES.values() for f in frames)}
 
 
@@ -160,7 +157,7 @@ class Control:
         elif self.kernel.sched.find(ppid) is None:
             return fail(errno.ESRCH, f"no such parent task: {ppid}")
         names = KTHREAD_BASE if task_kind is TaskKind.KTHREAD else USER_BASE
-        base = [sym for n in names if (sym := self.kernel.kallsyms.find(n)) is not None]
+        base = self.kernel.kallsyms.find_each(names)
         task = self.kernel.sched.add(comm, task_kind, base, ppid=ppid)
         return ok(task=self.task_info(task))
 

@@ -8,7 +8,7 @@ found by position, which is what klp_func.old_sympos counts (spec §3.4).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 VMLINUX_TEXT = 0xFFFFFFFF81000000
@@ -114,6 +114,16 @@ class Kallsyms:
             if sym.name == name:
                 return sym
         return None
+
+    def find_each(self, names: Iterable[str], module: str | None = None) -> list[KSym]:
+        """The first function of each name; ValueError names one that does not exist."""
+        syms = []
+        for name in names:
+            sym = self.find(name, module)
+            if sym is None:
+                raise ValueError(f"no function {name!r} in {module or 'vmlinux'}")
+            syms.append(sym)
+        return syms
 
     def find_any(self, name: str) -> KSym | None:
         """First function of that name anywhere: vmlinux first, then modules."""

@@ -94,18 +94,9 @@ class Kernel:
         sym = self.kallsyms.at(ip)
         return ip if sym is not None and sym.traceable else 0
 
-    def _syms(self, names: list[str]) -> list[KSym]:
-        syms = []
-        for name in names:
-            sym = self.kallsyms.find(name)
-            if sym is None:
-                raise ValueError(f"kernel image: task stack names unknown function {name!r}")
-            syms.append(sym)
-        return syms
-
     def _boot_tasks(self) -> None:
         image = self.image
         for cpu in range(image.nr_cpus):
-            self.sched.add_idle(cpu, self._syms(image.boot_idle_stack if cpu == 0 else image.idle_stack))
+            self.sched.add_idle(cpu, self.kallsyms.find_each(image.boot_idle_stack if cpu == 0 else image.idle_stack))
         for t in image.tasks:
-            self.sched.add(t.comm, TaskKind(t.kind), self._syms(t.stack), ppid=t.ppid, pid=t.pid)
+            self.sched.add(t.comm, TaskKind(t.kind), self.kallsyms.find_each(t.stack), ppid=t.ppid, pid=t.pid)

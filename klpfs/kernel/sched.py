@@ -34,6 +34,11 @@ TIF_SIGPENDING = "TIF_SIGPENDING"
 
 REST_FRAMES = ("schedule", "__schedule")
 IDLE_REST_FRAMES = ("schedule_idle", "__schedule")
+KTHREAD_BASE = ("ret_from_fork", "kthread")
+"""The stack a new kernel thread rests on."""
+USER_BASE = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_nanosleep", "hrtimer_nanosleep",
+             "do_nanosleep")
+"""The stack a new user process rests on: sleeping in nanosleep."""
 SLEEP_FRAMES = {
     TASK_INTERRUPTIBLE: ("schedule_timeout", "schedule", "__schedule"),
     TASK_UNINTERRUPTIBLE: ("msleep", "schedule_timeout", "schedule", "__schedule"),
@@ -112,9 +117,9 @@ class Sched:
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
         self._next_pid = 1
-        self._rest = self._syms(REST_FRAMES)
-        self._idle_rest = self._syms(IDLE_REST_FRAMES)
-        self._sleep = {state: self._syms(names) for state, names in SLEEP_FRAMES.items()}
+        self._rest = kallsyms.find_each(REST_FRAMES)
+        self._idle_rest = kallsyms.find_each(IDLE_REST_FRAMES)
+        self._sleep = {state: kallsyms.find_each(names) for state, names in SLEEP_FRAMES.items()}
 
     # -- the task list ---------------------------------------------------------
 
@@ -182,9 +187,6 @@ class Sched:
         if not task.reliable_stack or len(frames) > max_entries:
             return None
         return [return_address(sym) for sym in reversed(frames)]
-
-    def _syms(self, names: tuple[str, ...]) -> list[KSym]:
-        return [sym for name in names if (sym := self._kallsyms.find(name)) is not None]
 
     # -- CPUs --------------------------------------------------------------------
 

@@ -104,18 +104,9 @@ class DelayedWork:
         self._fn = fn
         self._timer: Timer | None = None
 
-    @property
-    def pending(self) -> bool:
-        return self._timer is not None
-
     def schedule(self, delay: float) -> None:
         if self._timer is None:
             self._timer = self._timers.call_later(delay, self._run)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _run(self) -> None:
         self._timer = None
