@@ -26,8 +26,9 @@ class System:
         self.kernfs = Kernfs()
         root = self.kernfs.root
         sys_dir = self.kernfs.create_dir(root, "sys")
-        kernel_kobj = self.kernfs.create_dir(sys_dir, "kernel")
-        self.livepatch = Livepatch(self.kernel, self.profile, self.kernfs, kernel_kobj, reliable_stacks)
+        self.kernel_kobj = self.kernfs.create_dir(sys_dir, "kernel")
+        """/sys/kernel, where modules add kobjects (kobject_create_and_add(..., kernel_kobj))."""
+        self.livepatch = Livepatch(self.kernel, self.profile, self.kernfs, self.kernel_kobj, reliable_stacks)
         self.module_sysfs = ModuleSysfs(self.kernfs, self.kernfs.create_dir(sys_dir, "module"),
                                         self.kernel.modules)
         self.structures = Structures()

@@ -5,17 +5,17 @@ sample's register+enable, its delayed work and kthreads) and exit.
 
 from __future__ import annotations
 
-import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from klpfs.control.modfile import ModuleFile
 from klpfs.kernel.kallsyms import FuncDef
-from klpfs.kernel.params import param_set
+from klpfs.kernel.params import ParamSpec
 from klpfs.kernel.module import MODULE_STATE_TEXT, Module
-from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
-from klpfs.kernel.sched import KTHREAD_BASE, TaskKind
-from klpfs.kernel.timers import Timer
+from klpfs.kernel import wait
+from klpfs.kernel.sched import TASK_INTERRUPTIBLE
+from klpfs.kernel.workqueue import DelayedWork, Work, cancel_work_sync, queue_delayed_work
 from klpfs.livepatch.structs import KlpObject, KlpState
 from klpfs.modules.livepatch_module import (
     ObjectSpec, FuncSpec, build_klp_patch, klp_sample_exit, klp_sample_init)
@@ -27,28 +27,13 @@ if TYPE_CHECKING:
 
 
 
-def apply_params(mf: ModuleFile, args: list[str], system: System) -> dict[str, object] | int:
-    """The module's parameter values for `insmod FILE k=v ...`, or -errno (logged as the kernel does)."""
-    values: dict[str, object] = {name: param.default for name, param in mf.params.items()}
-    for arg in args:
-        name, eq, text = arg.partition("=")
-        param = mf.params.get(name.replace("-", "_"))
-        if param is None:
-            system.kernel.printk(KERN_WARNING, f"{mf.name}: unknown parameter '{name}' ignored")
-            continue
-        value = param_set(param.type, text if eq else None)
-        if value is None:
-            system.kernel.printk(KERN_ERR, f"{mf.name}: `{text}' invalid for parameter `{name}'")
-            return -errno.EINVAL
-        values[name.replace("-", "_")] = value
-    return values
-
-
-def build_module(mf: ModuleFile, system: System, params: dict[str, object]) -> Module:
-    """A fresh Module for this load of the file."""
+def build_module(mf: ModuleFile, system: System) -> Module:
+    """A fresh Module for this load of the file, its parameters at their defaults."""
     lp = system.livepatch
     mod = Module(mf.name, livepatch=mf.livepatch, out_of_tree=mf.out_of_tree, signed=mf.signed,
-                 params=params, param_specs={name: (p.type, p.perm) for name, p in mf.params.items()})
+                 params={name: p.default for name, p in mf.params.items()},
+                 param_specs={name: ParamSpec(p.type, p.perm, p.description, var=name)
+                              for name, p in mf.params.items()})
     mod.data["file"] = Path(mf.path)
     code = ModuleCode(system.kernel, lp, system.structures, mod)
     mod.data["code"] = code
@@ -85,55 +70,46 @@ def _init(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> int:
         ret = klp_sample_init(system.livepatch, mod, patch)
         if ret:
             return ret
-    mod.data["work"] = [DelayedWorkItem(system, code, work.func, code.value(work.delay),
-                                        None if work.every is None else code.value(work.every))
-                        for work in mf.work]
-    threads: list[Task] = []
-    mod.data["kthreads"] = threads
-    base = kernel.kallsyms.find_each(KTHREAD_BASE)
-    for kt in mf.kthreads:
-        task = kernel.sched.add(kt.comm, TaskKind.KTHREAD, base, ppid=2)
-        threads.append(task)
-        code.call(kt.func, Frame(kt.func, task=task))
+    works = []
+    for w in mf.work:
+        dwork = DelayedWork(_work_func(code, w.func, None if w.every is None else code.value(w.every)))
+        queue_delayed_work(kernel, dwork, code.value(w.delay))
+        works.append(dwork)
+    mod.data["work"] = works
+    mod.data["kthreads"] = [_kthread_run(system, code, kt.func, kt.comm) for kt in mf.kthreads]
     return 0
 
 
+def _work_func(code: ModuleCode, func: str, every: float | None) -> Callable[[Work], None]:
+    """The work: call the module's function, and re-arm itself every `every` seconds."""
+    def work_fn(work: Work) -> None:
+        code.call(func, Frame(func))
+        if every is not None:
+            assert isinstance(work, DelayedWork)
+            queue_delayed_work(code.kernel, work, every)
+    return work_fn
+
+
+def _kthread_run(system: System, code: ModuleCode, func: str, comm: str) -> Task:
+    """A kthread that calls the module's function once, then waits until kthread_stop()."""
+    kernel = system.kernel
+
+    def threadfn(_: object) -> int:
+        code.call(func, Frame(func))
+        while not kernel.kthreads.should_stop():
+            wait.sleep(kernel, TASK_INTERRUPTIBLE, None, wait.SCHEDULE)
+        return 0
+    task = kernel.kthreads.create(threadfn, None, comm)
+    kernel.kthreads.wake_up_process(task)
+    return task
+
+
 def _exit(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> None:
+    kernel = system.kernel
     for work in mod.data.get("work", []):
-        work.cancel()
+        cancel_work_sync(kernel, work)
     code.run(mf.exit_steps, Frame(mf.exit_func))
     for task in mod.data.get("kthreads", []):
-        if not task.exited:
-            system.kernel.sched.exit(task)
+        kernel.kthreads.stop(task)
     if mf.objs is not None:
         klp_sample_exit(system.livepatch, mod)
-
-
-class DelayedWorkItem:
-    """A module's delayed work: runs its function on a kworker, again every `every` seconds."""
-
-    def __init__(self, system: System, code: ModuleCode, func: str, delay: float, every: float | None):
-        self._system = system
-        self._code = code
-        self._func = func
-        self._every = every
-        self._timer: Timer = system.kernel.timers.call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._code.call(self._func, Frame(self._func, task=_idle_kworker(self._system)))
-        if self._every is not None:
-            self._timer = self._system.kernel.timers.call_later(self._every, self._fire)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-def _idle_kworker(system: System) -> Task:
-    """A kworker with nothing to do, as the workqueue would pick; a new one if all are busy."""
-    sched = system.kernel.sched
-    for task in sched.tasks.values():
-        if task.kind is TaskKind.KTHREAD and task.comm.startswith("kworker/") and task.activity is None:
-            return task
-    template = next(t for t in sched.tasks.values() if t.comm.startswith("kworker/"))
-    return sched.add(f"kworker/u{len(sched.cpu_online) * 2}:{len(sched.tasks)}", TaskKind.KTHREAD,
-                     template.base, ppid=2)

@@ -13,16 +13,15 @@ import os
 from collections.abc import Awaitable
 from typing import Any
 
-import trio
-
 from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
-from klpfs.control.modload import apply_params, build_module
+from klpfs.control.modload import build_module
 from klpfs.control.samples import module_stem
+from klpfs.modules.pymodule import PyModuleError, build_pymodule
 from klpfs.modules.program import IfPrevState, ShadowAlloc, ShadowFree
+from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, Module
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
 from klpfs.kernel.sched import (
     IDLE_REST_FRAMES, KTHREAD_BASE, REST_FRAMES, SLEEP_FRAMES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
-from klpfs.kernel.timers import TICK
 from klpfs.system import System
 
 Reply = dict[str, Any]
@@ -56,17 +55,34 @@ class Control:
 
     # -- modules ------------------------------------------------------------------
 
-    def insmod(self, path: str, text: str, params: list[str]) -> Reply:
+    async def insmod(self, path: str, text: str, params: list[str]) -> Reply:
+        if path.endswith(".py"):
+            try:
+                mod = build_pymodule(path, text, self.system)
+            except PyModuleError as e:
+                return fail(e.errno, str(e), file_error=e.errno == errno.ENOEXEC)
+            return await self.init_module(mod, params)
         try:
             mf = parse_module_file(path, text)
             self._check_profile(mf)
         except ModuleFileError as e:
             return fail(errno.ENOEXEC, str(e), file_error=True)
-        values = apply_params(mf, params, self.system)
-        if isinstance(values, int):
-            return fail(-values)
-        ret = self.kernel.modules.load_module(build_module(mf, self.system, values))
-        return fail(-ret) if ret else ok(name=mf.name)
+        return await self.init_module(build_module(mf, self.system), params)
+
+    async def init_module(self, mod: Module, params: list[str], comm: str = "insmod") -> Reply:
+        """finit_module() by a short-lived `insmod` process: the parameters are
+        parsed, then init runs (and may sleep) as that process."""
+        kernel = self.kernel
+        task = kernel.spawn_user(comm, INIT_MODULE_STACK)
+        try:
+            ret = await kernel.modules.init_module(mod, task, params)
+        finally:
+            if not task.exited:
+                kernel.sched.exit(task)
+        if ret:
+            fault = mod.data.get("fault")
+            return fail(-ret, f"{mod.name}: init faulted: {fault}" if fault else "")
+        return ok(name=mod.name)
 
     def _check_profile(self, mf: ModuleFile) -> None:
         """Fields and APIs that do not exist in the running kernel (the .ko would not build)."""
@@ -96,15 +112,13 @@ class Control:
             return fail(errno.ENOENT, not_loaded=True, name=name)
         if mod.refcnt:
             return fail(errno.EWOULDBLOCK, in_use=True, name=name)
-        # The module's exit stops its kthreads and waits for its work
-        # (kthread_stop, cancel_delayed_work_sync): nobody may still be in its code.
-        sched = self.kernel.sched
-        for task in mod.data.get("kthreads", []):
-            if task.state == TASK_INTERRUPTIBLE:
-                sched.wake(task)
-        while sched.tasks_in(mod.symbols):
-            await trio.sleep(TICK)
-        ret = modules.delete_module(name)
+        kernel = self.kernel
+        task = kernel.spawn_user("rmmod", DELETE_MODULE_STACK)
+        try:
+            ret = await modules.delete_module_as(task, name)
+        finally:
+            if not task.exited:
+                kernel.sched.exit(task)
         return fail(-ret, name=name) if ret else ok(name=name)
 
     def lsmod(self) -> Reply:

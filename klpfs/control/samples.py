@@ -11,9 +11,9 @@ def samples_dir() -> Path:
 
 
 def module_stem(name: str) -> str:
-    """livepatch_sample, livepatch-sample.ko, ./x/livepatch-sample.toml -> livepatch_sample."""
+    """livepatch_sample, livepatch-sample.ko, ./x/livepatch-sample.toml or .py -> livepatch_sample."""
     base = Path(name).name
-    for suffix in (".ko", ".toml"):
+    for suffix in (".ko", ".toml", ".py"):
         base = base.removesuffix(suffix)
     return base.replace("-", "_")
 
@@ -25,11 +25,16 @@ def find_module_file(name: str, search: list[Path] | None = None) -> Path | None
         return path
     stem = module_stem(name)
     for directory in [*(search or []), samples_dir()]:
-        for candidate in sorted(directory.glob("*.toml")):
+        for candidate in sorted(module_files(directory)):
             if module_stem(candidate.name) == stem:
                 return candidate
     return None
 
 
+def module_files(directory: Path) -> list[Path]:
+    """The module files in a directory: TOML and Python."""
+    return [*directory.glob("*.toml"), *directory.glob("*.py")]
+
+
 def list_samples() -> list[Path]:
-    return sorted(samples_dir().glob("*.toml"))
+    return sorted(module_files(samples_dir()))

@@ -39,7 +39,7 @@ def _search() -> list[Path]:
 def _resolve(name: str) -> Path | None:
     """A module file for NAME: the file itself if it is one, else by module name."""
     path = Path(name)
-    if path.suffix == ".toml" and path.is_file():
+    if path.suffix in (".toml", ".py") and path.is_file():
         return path
     return find_module_file(module_stem(name), _search())
 

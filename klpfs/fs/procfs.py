@@ -8,6 +8,8 @@ to cat exactly when that task would see it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from klpfs.kernel.kernel import Kernel
 from klpfs.kernel.module import taint_letters
 from klpfs.kernel.sched import Task, stack_lines
@@ -39,6 +41,10 @@ class ProcFs:
         for task in kernel.sched.tasks.values():
             self._task_event("fork", task)
         kernel.sched.task_notifiers.append(self._task_event)
+
+    def create_file(self, name: str, mode: int, show: Callable[[], str]) -> KernfsNode:
+        """A /proc/<name> file a module creates (proc_create_single)."""
+        return self._kernfs.create_file(self._proc, name, mode, show, size=0)
 
     def _call(self, func_name: str) -> str:
         kernel = self._kernel

@@ -11,21 +11,25 @@ import bisect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from klpfs.kernel.seq_file import SeqFile
+
 VMLINUX_TEXT = 0xFFFFFFFF81000000
 MODULES_TEXT = 0xFFFFFFFFC0000000
 MODULE_SPAN = 0x100000
 FUNC_ALIGN = 16
 
-Body = Callable[[object, "int | None"], str]
-"""What calling the function does: body(task, arg) -> the text it produces.
-
-arg stands for the function's argument: the address of the object it works on.
-"""
+Body = Callable[..., object]
+"""What calling the function does: body(*args) -> its return value, run as
+the calling task (Kernel.call).  A show function gets a SeqFile first."""
 
 
 def const_body(text: str) -> Body:
-    """A body that always produces the same text."""
-    return lambda task, arg: text
+    """A show function that always prints the same text."""
+    def show(m: object = None, *_: object) -> int:
+        if isinstance(m, SeqFile):
+            m.puts(text)
+        return 0
+    return show
 
 
 @dataclass(eq=False, slots=True)

@@ -7,13 +7,18 @@ exit-to-user/idle work for TIF_PATCH_PENDING.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
+from klpfs.kernel.code import CodeRunner
 from klpfs.kernel.ftrace import Ftrace
 from klpfs.kernel.image import Image, load_image
 from klpfs.kernel.kallsyms import Kallsyms, KSym
+from klpfs.kernel.kthread import Kthreads
+from klpfs.kernel.memory import Heap
 from klpfs.kernel.module import ModuleLoader
 from klpfs.kernel.printk import Printk
+from klpfs.kernel.seq_file import SeqFile
 from klpfs.kernel.sched import Sched, Task, TaskKind
 from klpfs.kernel.timers import Timers
 
@@ -23,11 +28,13 @@ MAX_REDIRECTS = 16
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """Which implementation answered a call to `called`, and what it produced."""
+    """Which implementation answered a call to `called`, what it printed into
+    the seq_file of a show call, and what it returned."""
 
     called: KSym
     impl: KSym
     output: str
+    ret: object = None
 
 
 class Kernel:
@@ -43,8 +50,13 @@ class Kernel:
         self.kallsyms.add_object(None, self.image.functions)
         self.ftrace = Ftrace(self._ftrace_location)
         self.sched = Sched(self.timers, self.kallsyms, self.resolve, self.image.nr_cpus)
-        self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages)
-        self._heap = 0xFFFF888000000000
+        self.code = CodeRunner(self)
+        self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages,
+                                    lambda fn, *args: self.code.guarded(fn, *args, fallback=-errno.EFAULT),
+                                    self.code.start)
+        self.sched.task_notifiers.append(self._task_event)
+        self.kthreads = Kthreads(self)
+        self.heap = Heap()
         self._boot_tasks()
 
     def printk(self, level: int, text: str) -> None:
@@ -70,15 +82,46 @@ class Kernel:
             impl = target
         return impl
 
-    def call(self, func: KSym, task: Task, arg: int | None = None) -> CallResult:
-        """Run func as task, through any redirection, and return what it produced."""
+    def call(self, func: KSym, task: Task, *args: object) -> CallResult:
+        """The engine runs func as task, through any redirection.
+
+        With no arguments this is a show call: the function gets a fresh
+        seq_file, and what it prints is the result's output.  A fault of
+        module code is an oops, and the call returns -EFAULT.
+        """
+        m = None
+        if not args:
+            m = SeqFile()
+            args = (m, None)
         impl = self.resolve(func, task)
-        return CallResult(func, impl, impl.body(task, arg))
+        ret = self.code.guarded(self.run_body, impl, task, args, fallback=-errno.EFAULT)
+        return CallResult(func, impl, m.text if m is not None else "", ret)
+
+    def invoke(self, func: KSym, task: Task, args: tuple[object, ...]) -> object:
+        """A call made by module code: through ftrace, faults propagate to the caller."""
+        return self.run_body(self.resolve(func, task), task, args)
+
+    def run_body(self, impl: KSym, task: Task, args: tuple[object, ...]) -> object:
+        """Execute impl as task: it is on the task's stack while it runs (and sleeps)."""
+        code = self.code
+        saved = code.current
+        depth = len(task.frames)
+        code.current = task
+        task.frames.append(impl)
+        try:
+            return impl.body(*args)
+        finally:
+            del task.frames[depth:]
+            code.current = saved
+
+    @property
+    def current(self) -> Task:
+        """The task whose code runs now; the console shell when the engine itself acts."""
+        return self.code.current or self.console
 
     def kmalloc(self) -> int:
         """A fresh object address, for module code that allocates structures."""
-        self._heap += 0x40
-        return self._heap
+        return self.heap.alloc_addr()
 
     @property
     def console(self) -> Task:
@@ -87,6 +130,14 @@ class Kernel:
         if task is None:
             task = next(t for t in self.sched.tasks.values() if t.kind is TaskKind.USER)
         return task
+
+    def spawn_user(self, comm: str, stack: tuple[str, ...]) -> Task:
+        """A process the console shell starts (insmod, rmmod), already inside the kernel at `stack`."""
+        return self.sched.add(comm, TaskKind.USER, self.kallsyms.find_each(stack), ppid=self.console.pid)
+
+    def _task_event(self, event: str, task: Task) -> None:
+        if event == "exit":
+            self.code.kill(task)
 
     # -- boot ----------------------------------------------------------------------
 

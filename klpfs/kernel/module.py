@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import enum
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from klpfs.kernel.printk import KERN_NOTICE, KERN_WARNING
+from klpfs.kernel.params import ParamError, ParamSpec, set_param
+from klpfs.kernel.printk import KERN_ERR, KERN_NOTICE, KERN_WARNING
 
 if TYPE_CHECKING:
+    from klpfs.kernel.code import Run
     from klpfs.kernel.kallsyms import FuncDef, Kallsyms, KSym
+    from klpfs.kernel.sched import Task
 
 MODULE_NAME_LEN = 56
+INIT_MODULE_STACK = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_finit_module", "load_module",
+                     "do_init_module", "do_one_initcall")
+"""Where module init runs: inside insmod's finit_module()."""
+DELETE_MODULE_STACK = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_delete_module")
 O_TRUNC = 0o1000
 
 
@@ -42,10 +49,13 @@ MODULE_STATE_TEXT = {
 
 # Taint flags as /proc/sys/kernel/tainted counts them.
 TAINT_FORCED_RMMOD = 3, "R"
+TAINT_DIE = 7, "D"
 TAINT_OOT_MODULE = 12, "O"
 TAINT_UNSIGNED_MODULE = 13, "E"
+TAINT_SOFTLOCKUP = 14, "L"
 TAINT_LIVEPATCH = 15, "K"
-TAINT_FLAGS = sorted((TAINT_FORCED_RMMOD, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE, TAINT_LIVEPATCH))
+TAINT_FLAGS = sorted((TAINT_FORCED_RMMOD, TAINT_DIE, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE, TAINT_SOFTLOCKUP,
+                      TAINT_LIVEPATCH))
 
 
 def taint_letters(mask: int) -> str:
@@ -63,25 +73,34 @@ class Module:
     """modinfo carries `livepatch=Y`: this is what "a livepatch module" means."""
     out_of_tree: bool = False
     signed: bool = True
-    init: Callable[[Module], int] | None = None
-    exit: Callable[[Module], None] | None = None
-    params: dict[str, object] = field(default_factory=dict)
-    param_specs: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """Parameter name -> (type, sysfs mode): int/bool/charp, 0 for no sysfs file."""
+    init: Callable[[Module], object] | None = None
+    exit: Callable[[Module], object] | None = None
+    params: MutableMapping[str, object] = field(default_factory=dict)
+    """The variables parameters live in (a Python module's globals)."""
+    param_specs: dict[str, ParamSpec] = field(default_factory=dict)
     state: ModuleState = ModuleState.UNFORMED
     refcnt: int = 0
     klp_alive: bool = False
     taint_mask: int = 0
     """The taint flags this module set, as bits (module->taints)."""
     symbols: list[KSym] = field(default_factory=list)
+    check_symbols: Callable[[], int] | None = None
+    """simplify_symbols(): 0, or -errno (logged) for a kernel symbol the module needs and this kernel lacks."""
+    release: Callable[[], None] | None = None
+    """Undo what the module's code created through the kernel API, when it is freed."""
     data: dict[str, object] = field(default_factory=dict)
     """Whatever the module's own code keeps (its klp_patch, its tasks)."""
 
 
 class ModuleLoader:
-    def __init__(self, kallsyms: Kallsyms, printk: Callable[[int, str], None], sig_enforce_msgs: bool):
+    def __init__(self, kallsyms: Kallsyms, printk: Callable[[int, str], None], sig_enforce_msgs: bool,
+                 run_atomic: Callable[..., object], start_code: Callable[..., Run]):
+        self.run_atomic = run_atomic
+        """Run module code inside an engine operation (it may not sleep)."""
+        self.start_code = start_code
+        """Start module code as a task of its own."""
         self._kallsyms = kallsyms
-        self._printk = printk
+        self.printk = printk
         self._sig_msgs = sig_enforce_msgs
         self.modules: dict[str, Module] = {}
         self.tainted = 0
@@ -92,20 +111,67 @@ class ModuleLoader:
         """Told when a module's /sys/module entry appears (mod_sysfs_setup)."""
         self.sysfs_teardown: list[Callable[[Module], None]] = []
 
+    def parse_args(self, mod: Module, args: list[str]) -> int:
+        """parse_args() of `insmod M name=value ...`: 0, or the first refusal's -errno, logged."""
+        for arg in args:
+            name, eq, text = arg.partition("=")
+            key = name.replace("-", "_")
+            spec = mod.param_specs.get(key)
+            if spec is None:
+                self.printk(KERN_WARNING, f"{mod.name}: unknown parameter '{name}' ignored")
+                continue
+            value = text if eq else None
+            try:
+                set_param(spec, mod.params, value, key, lambda line: self.printk(KERN_ERR, line))
+            except ParamError as e:
+                if e.errno == errno.ENOSPC:
+                    self.printk(KERN_ERR, f"{mod.name}: `{value or ''}' too large for parameter `{name}'")
+                else:
+                    self.printk(KERN_ERR, f"{mod.name}: `{value or ''}' invalid for parameter `{name}'")
+                return -e.errno
+        return 0
+
     def find_module(self, name: str) -> Module | None:
         return self.modules.get(name)
 
     def taint_letters(self) -> str:
         return taint_letters(self.tainted)
 
+    def add_taint(self, flag: tuple[int, str]) -> None:
+        """add_taint() for the whole kernel (an oops, a lockup)."""
+        self.tainted |= 1 << flag[0]
+
     def _taint(self, mod: Module, flag: tuple[int, str], message: str | None, level: int) -> None:
         bit, letter = flag
         if message is not None and not self.tainted & 1 << bit:
-            self._printk(level, f"{mod.name}: {message}")
+            self.printk(level, f"{mod.name}: {message}")
         self.tainted |= 1 << bit
         mod.taint_mask |= 1 << bit
 
     def load_module(self, mod: Module) -> int:
+        """Load with init run inside this call: init may not sleep (engine tests)."""
+        ret = self._load(mod, [])
+        if ret:
+            return ret
+        return self._do_init_module(mod, self.run_atomic(mod.init, mod) if mod.init is not None else 0)
+
+    async def init_module(self, mod: Module, task: Task, args: list[str] | None = None) -> int:
+        """finit_module() as task, with insmod's parameter arguments: init runs
+        as that task's code and may sleep."""
+        ret = self._load(mod, args or [])
+        if ret:
+            return ret
+        if mod.init is None:
+            return self._do_init_module(mod, 0)
+        run = self.start_code(task, mod.init, mod)
+        result = await run.wait()
+        if run.fault is not None:
+            mod.data["fault"] = run.fault
+            result = -errno.EFAULT
+        return self._do_init_module(mod, result)
+
+    def _load(self, mod: Module, args: list[str]) -> int:
+        """load_module() up to running init: taints, parameters, symbols, sysfs, the COMING hooks."""
         if mod.name in self.modules:
             return -errno.EEXIST
         if mod.out_of_tree:
@@ -116,6 +182,11 @@ class ModuleLoader:
             self._taint(mod, TAINT_UNSIGNED_MODULE,
                         "module verification failed: signature and/or required key missing - tainting kernel",
                         KERN_NOTICE)
+        ret = mod.check_symbols() if mod.check_symbols is not None else 0
+        if not ret:
+            ret = self.parse_args(mod, args)
+        if ret:
+            return ret
         self.modules[mod.name] = mod
         mod.state = ModuleState.UNFORMED
         mod.refcnt = 0
@@ -129,7 +200,11 @@ class ModuleLoader:
                 self._free(mod)
                 return ret
         self._notify(ModuleState.COMING, mod)
-        ret = mod.init(mod) if mod.init is not None else 0
+        return 0
+
+    def _do_init_module(self, mod: Module, ret: object) -> int:
+        """What follows init: LIVE, or a failed init goes GOING and is freed."""
+        ret = ret if isinstance(ret, int) else 0
         if ret < 0:
             mod.state = ModuleState.GOING
             self._notify(ModuleState.GOING, mod)
@@ -142,20 +217,40 @@ class ModuleLoader:
         return 0
 
     def delete_module(self, name: str, flags: int = 0) -> int:
+        """delete_module() with exit run inside this call: exit may not sleep (engine tests)."""
+        mod, ret = self._try_stop(name, flags)
+        if mod is None:
+            return ret
+        if mod.exit is not None:
+            self.run_atomic(mod.exit, mod)
+        return self._free_going(mod)
+
+    async def delete_module_as(self, task: Task, name: str, flags: int = 0) -> int:
+        """delete_module() as task: exit runs as that task's code and may sleep
+        (kthread_stop, flush_work)."""
+        mod, ret = self._try_stop(name, flags)
+        if mod is None:
+            return ret
+        if mod.exit is not None:
+            await self.start_code(task, mod.exit, mod).wait()
+        return self._free_going(mod)
+
+    def _try_stop(self, name: str, flags: int) -> tuple[Module | None, int]:
         mod = self.modules.get(name)
         if mod is None:
-            return -errno.ENOENT
+            return None, -errno.ENOENT
         if mod.state is not ModuleState.LIVE:
-            return -errno.EBUSY
+            return None, -errno.EBUSY
         if mod.init is not None and mod.exit is None and not flags & O_TRUNC:
-            return -errno.EBUSY
+            return None, -errno.EBUSY
         if mod.refcnt and not flags & O_TRUNC:
-            return -errno.EWOULDBLOCK
+            return None, -errno.EWOULDBLOCK
         if mod.refcnt:
             self._taint(mod, TAINT_FORCED_RMMOD, None, KERN_WARNING)
         mod.state = ModuleState.GOING
-        if mod.exit is not None:
-            mod.exit(mod)
+        return mod, 0
+
+    def _free_going(self, mod: Module) -> int:
         self._notify(ModuleState.GOING, mod)
         if self.klp_going is not None:
             self.klp_going(mod)
@@ -177,6 +272,8 @@ class ModuleLoader:
             notifier(state, mod)
 
     def _free(self, mod: Module) -> None:
+        if mod.release is not None:
+            mod.release()
         for teardown in self.sysfs_teardown:
             teardown(mod)
         self._kallsyms.remove_object(mod.name)

@@ -53,24 +53,27 @@ class TaskKind(enum.Enum):
 
 class Activity:
     """What the task is doing beyond resting: inside `impl` (called as `func`),
-    sleeping or running; `on_wake` is the rest of the function's body."""
+    sleeping or running.  `on_wake` resumes module code that slept in a
+    sleeping primitive; `sleep_frames` are that primitive's frames (msleep,
+    schedule_timeout, ...), and then `impl` is the code's innermost function."""
 
-    __slots__ = ("func", "impl", "state", "wake_at", "timer", "on_wake")
+    __slots__ = ("func", "impl", "state", "wake_at", "timer", "on_wake", "sleep_frames")
 
-    def __init__(self, func: KSym, impl: KSym, state: str, wake_at: float | None,
-                 on_wake: Callable[[], object] | None):
+    def __init__(self, func: KSym | None, impl: KSym | None, state: str, wake_at: float | None,
+                 on_wake: Callable[[], object] | None, sleep_frames: list[KSym] | None = None):
         self.func = func
         self.impl = impl
         self.state = state
         self.wake_at = wake_at
         self.timer: Timer | None = None
         self.on_wake = on_wake
+        self.sleep_frames = sleep_frames
 
 
 class Task:
     """task_struct, reduced to what livepatch and /proc look at."""
 
-    __slots__ = ("pid", "comm", "kind", "cpu", "ppid", "base", "state", "activity",
+    __slots__ = ("pid", "comm", "kind", "cpu", "ppid", "base", "state", "activity", "frames",
                  "reliable_stack", "flags", "patch_state", "_tick", "exited")
 
     def __init__(self, pid: int, comm: str, kind: TaskKind, base: list[KSym], cpu: int = 0,
@@ -83,6 +86,8 @@ class Task:
         self.base = base
         self.state = state
         self.activity: Activity | None = None
+        self.frames: list[KSym] = []
+        """The functions whose code the task is executing, outermost first (Kernel.call)."""
         self.reliable_stack = True
         self.flags: set[str] = set()
         self.patch_state = -1
@@ -92,7 +97,8 @@ class Task:
     @property
     def in_user(self) -> bool:
         """A user task running with no kernel frames (busy in user mode)."""
-        return self.kind is TaskKind.USER and self.state == TASK_RUNNING and self.activity is None
+        return (self.kind is TaskKind.USER and self.state == TASK_RUNNING and self.activity is None
+                and not self.frames)
 
     def __repr__(self) -> str:
         return f"<Task {self.comm}:{self.pid} {self.kind.value} {self.state}>"
@@ -174,11 +180,14 @@ class Sched:
         if task.kind is TaskKind.IDLE:
             return task.base if self.idle_running(task) else task.base + self._idle_rest
         act = task.activity
+        frames = task.base + task.frames
         if act is None:
-            return task.base + self._rest
-        frames = task.base + [act.impl]
+            return frames if task.frames else frames + self._rest
+        if act.sleep_frames is None:
+            assert act.impl is not None
+            frames = frames + [act.impl]
         if act.state != TASK_RUNNING:
-            frames += self._sleep[act.state]
+            frames = frames + (act.sleep_frames if act.sleep_frames is not None else self._sleep[act.state])
         return frames
 
     def stack_trace_reliable(self, task: Task, max_entries: int) -> list[int] | None:
@@ -220,8 +229,8 @@ class Sched:
         self.sleep_in(task, func, impl, state, seconds)
         return impl
 
-    def sleep_in(self, task: Task, func: KSym, impl: KSym, state: str, seconds: float | None = None,
-                 on_wake: Callable[[], object] | None = None) -> None:
+    def sleep_in(self, task: Task, func: KSym | None, impl: KSym | None, state: str, seconds: float | None = None,
+                 on_wake: Callable[[], object] | None = None, sleep_frames: list[KSym] | None = None) -> None:
         """The task, already inside impl, sleeps (or spins) there.
 
         A user task busy in user mode enters the kernel to do so.  When the
@@ -229,17 +238,27 @@ class Sched:
         returns from it.
         """
         self._end_activity(task)
-        act = Activity(func, impl, state, None if seconds is None else self._timers.now() + seconds, on_wake)
+        act = Activity(func, impl, state, None if seconds is None else self._timers.now() + seconds, on_wake,
+                       sleep_frames)
         if act.wake_at is not None:
             act.timer = self._timers.call_at(act.wake_at, lambda: self.wake(task))
         task.activity = act
         task.state = state
         self._cpu_changed(task.cpu)
 
+    def sleep_code(self, task: Task, state: str, seconds: float | None, sleep_frames: list[KSym],
+                   on_wake: Callable[[], object]) -> None:
+        """Module code of task sleeps in a sleeping primitive (its frames given);
+        on_wake resumes the code.  The caller then gives the CPU back."""
+        inner = task.frames[-1] if task.frames else None
+        self.sleep_in(task, inner, inner, state, seconds, on_wake, sleep_frames)
+
     def tasks_in(self, syms: list[KSym]) -> list[Task]:
         """Tasks whose stack holds one of these functions (a module's code, say)."""
         ids = {id(sym) for sym in syms}
-        return [t for t in self.tasks.values() if t.activity is not None and id(t.activity.impl) in ids]
+        return [t for t in self.tasks.values()
+                if any(id(f) in ids for f in t.frames)
+                or t.activity is not None and id(t.activity.impl) in ids]
 
     def run(self, task: Task) -> None:
         """Make the task busy: a user task in user mode, a kthread in its resting code."""
@@ -265,8 +284,9 @@ class Sched:
             return
         self._end_activity(task)
         if act.on_wake is not None:
+            task.state = TASK_RUNNING
             act.on_wake()
-            if task.activity is not None:
+            if task.exited or task.activity is not None or task.frames:
                 return
         if task.kind is TaskKind.USER:
             self._return_to_user(task)
@@ -283,7 +303,7 @@ class Sched:
         """
         task.flags.add(TIF_SIGPENDING)
         act = task.activity
-        if task.state == TASK_INTERRUPTIBLE:
+        if task.state == TASK_INTERRUPTIBLE and not (act is not None and act.sleep_frames is not None):
             self._return_to_user(task)
             if act is not None:
                 remaining = None if act.wake_at is None else max(0.0, act.wake_at - self._timers.now())

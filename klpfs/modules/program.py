@@ -16,16 +16,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Union
 
+from klpfs.kernel import wait
+from klpfs.kernel.memory import addr_of, hashed_pointer
 from klpfs.kernel.printk import KERN_INFO
 from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE
-from klpfs.livepatch.shadow import hashed_pointer
+from klpfs.kernel.seq_file import SeqFile
 from klpfs.livepatch.state import klp_get_prev_state
 
 if TYPE_CHECKING:
-    from klpfs.kernel.kallsyms import Body, KSym
+    from klpfs.kernel.kallsyms import Body
     from klpfs.kernel.kernel import Kernel
     from klpfs.kernel.module import Module
-    from klpfs.kernel.sched import Task
     from klpfs.livepatch.core import Livepatch
     from klpfs.livepatch.shadow import KlpShadow
 
@@ -133,10 +134,7 @@ class Frame:
     """One running piece of module code."""
 
     func: str
-    task: Task | None = None
-    called: KSym | None = None
-    impl: KSym | None = None
-    obj: int | None = None
+    obj: object = None
     target: str = ""
     data: object = None
     prev_version: str = ""
@@ -154,7 +152,8 @@ class Structures:
 
 @dataclass
 class ModuleCode:
-    """A loaded module's code: runs its step lists with its parameters."""
+    """A loaded module's code: runs its step lists with its parameters, as
+    the task that calls it, with the same sleeping primitives as Python modules."""
 
     kernel: Kernel
     livepatch: Livepatch
@@ -172,37 +171,40 @@ class ModuleCode:
 
     def format(self, fmt: str, frame: Frame) -> str:
         names: dict[str, object] = dict(self.module.params)
-        expires = self.structures.expires.get(frame.obj or 0, 0.0)
+        obj = addr_of(frame.obj) if frame.obj is not None else 0
+        expires = self.structures.expires.get(obj, 0.0)
         data = frame.data
         names.update(__func__=frame.func, target=frame.target, prev_version=frame.prev_version,
-                     obj=hashed_pointer(frame.obj or 0),
+                     obj=hashed_pointer(obj),
                      data=hashed_pointer(data) if isinstance(data, int) else data,
                      jiffies=f"{jiffies(self.kernel.now()):x}", expires=f"{jiffies(expires):x}")
         return fmt.format_map(names)
 
     def body(self, name: str, steps: tuple[Step, ...]) -> Body:
-        """The body of function `name`: run its steps as the calling task."""
-        def run(task: object, arg: int | None) -> str:
-            impl = next((s for s in self.module.symbols if s.name == name), None)
-            return self.run(steps, Frame(name, task, impl, impl, arg))  # type: ignore[arg-type]
+        """The body of function `name`: run its steps as the calling task.
+
+        Its first argument is the object it works on ({obj}), or the
+        seq_file of a show call, which gets the text its steps output."""
+        def run(*args: object) -> str:
+            first = args[0] if args else None
+            m = first if isinstance(first, SeqFile) else None
+            text = self.run(steps, Frame(name, obj=None if m is not None else first))
+            if m is not None:
+                m.puts(text)
+            return text
         return run
 
-    def run(self, steps: tuple[Step, ...], frame: Frame, start: int = 0) -> str:
-        """Run steps[start:]; a Sleep suspends the rest until the task wakes."""
+    def run(self, steps: tuple[Step, ...], frame: Frame) -> str:
+        """Run the steps; a Sleep sleeps the calling task inside the function."""
         out: list[str] = []
         kernel = self.kernel
-        for i in range(start, len(steps)):
-            step = steps[i]
+        for step in steps:
             if isinstance(step, Log):
                 kernel.printk(step.level, f"{self.module.name}: {self.format(step.fmt, frame)}")
             elif isinstance(step, Output):
                 out.append(self.format(step.text, frame))
             elif isinstance(step, Sleep):
-                assert frame.task is not None and frame.impl is not None and frame.called is not None
-                seconds = None if step.seconds is None else self.value(step.seconds)
-                kernel.sched.sleep_in(frame.task, frame.called, frame.impl, step.state, seconds,
-                                      lambda i=i: self.run(steps, frame, i + 1))
-                break
+                self._sleep(step)
             elif isinstance(step, New):
                 frame.obj = kernel.kmalloc()
                 self.structures.expires[frame.obj] = kernel.now() + self.value(step.expires)
@@ -225,25 +227,37 @@ class ModuleCode:
                 out.append(self.run(step.then if state is not None else step.otherwise, inner))
         return "".join(out)
 
+    def _sleep(self, step: Sleep) -> None:
+        """A timed sleep is msleep() (an uninterruptible one lasts its whole time) or
+        schedule_timeout_interruptible(); "forever" is schedule_timeout(MAX_SCHEDULE_TIMEOUT)."""
+        kernel = self.kernel
+        if step.seconds is None:
+            wait.schedule_timeout(kernel, step.state, None)
+        elif step.state == TASK_UNINTERRUPTIBLE:
+            wait.msleep(kernel, int(self.value(step.seconds) * 1000))
+        else:
+            wait.schedule_timeout(kernel, step.state, self.value(step.seconds))
+
     def _for_each(self, step: ForEach, frame: Frame) -> str:
         now = self.kernel.now()
         expires = self.structures.expires
         items = self.structures.lists.get(step.list, [])
         taken = [obj for obj in items if not step.expired_only or expires[obj] < now]
         self.structures.lists[step.list] = [obj for obj in items if obj not in taken]
-        out = [self.run(step.steps, Frame(frame.func, frame.task, frame.called, frame.impl, obj)) for obj in taken]
+        out = [self.run(step.steps, Frame(frame.func, obj)) for obj in taken]
         for obj in taken:
             expires.pop(obj, None)
         return "".join(out)
 
     def call(self, name: str, frame: Frame) -> str:
-        """Call a function by name through the ftrace path: this module's own first."""
+        """Call a function by name through the ftrace path, as the running task:
+        this module's own first.  What it outputs becomes part of this output."""
         kernel = self.kernel
         sym = next((s for s in self.module.symbols if s.name == name), None) or kernel.kallsyms.find_any(name)
         if sym is None:
             return ""
-        task = frame.task if frame.task is not None else kernel.console
-        return kernel.call(sym, task, frame.obj).output
+        ret = kernel.invoke(sym, kernel.current, (frame.obj,))
+        return ret if isinstance(ret, str) else ""
 
     def _shadow_alloc(self, step: ShadowAlloc, frame: Frame) -> None:
         alloc = self.shadow.klp_shadow_get_or_alloc if step.or_get else self.shadow.klp_shadow_alloc
@@ -252,19 +266,20 @@ class ModuleCode:
             alloc(frame.obj or 0, step.id, self.kernel.kmalloc())
             return
 
-        def ctor(obj: int, cell: list[object], ctor_data: object) -> int:
+        def ctor(obj: object, cell: list[object], ctor_data: object) -> int:
             cell[0] = ctor_data
             return int(self.value(ctor_ret))
         alloc(frame.obj or 0, step.id, None, ctor, self.kernel.kmalloc())
 
     def _shadow_free(self, step: ShadowFree, frame: Frame) -> None:
-        dtor: Callable[[int, object], None] | None = None
+        dtor: Callable[[object, object], None] | None = None
         if step.dtor_log is not None:
             fmt = step.dtor_log
 
-            def dtor(obj: int, data: object) -> None:
+            def log_free(obj: object, data: object) -> None:
                 line = self.format(fmt, Frame(frame.func, obj=obj, data=data))
                 self.kernel.printk(KERN_INFO, f"{self.module.name}: {line}")
+            dtor = log_free
         if step.all:
             self.shadow.klp_shadow_free_all(step.id, dtor)
         else:

@@ -1,0 +1,126 @@
+"""Work items on the system workqueue (kernel/workqueue.c) for module code.
+
+A queued work runs on an idle kworker, inside process_one_work(), through
+the ftrace call path: a patch that replaces the work function takes effect
+for the next run, and a work function that sleeps keeps its kworker (and
+its own function) busy, as a blocking work item does in the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE, TaskKind
+from klpfs.kernel.timers import Timer
+from klpfs.kernel.wait import WAIT_FOR_COMPLETION, WaitQueueHead, check_seconds, wait_event
+
+if TYPE_CHECKING:
+    from klpfs.kernel.kernel import Kernel
+    from klpfs.kernel.sched import Task
+
+FLUSH_WORK = ("__flush_work", *WAIT_FOR_COMPLETION)
+
+
+class Work:
+    """struct work_struct: pending until a kworker picks it up, then running."""
+
+    def __init__(self, func: Callable[[Work], object]):
+        self.func = func
+        self.pending = False
+        self.worker: Task | None = None
+        """The kworker running it now."""
+        self.done = WaitQueueHead()
+
+
+class DelayedWork(Work):
+    """struct delayed_work: a work queued when its timer fires."""
+
+    def __init__(self, func: Callable[[Work], object]):
+        super().__init__(func)
+        self.timer: Timer | None = None
+
+
+def queue_work(kernel: Kernel, work: Work) -> bool:
+    """schedule_work(): False if it was already pending."""
+    if work.pending:
+        return False
+    work.pending = True
+    kernel.timers.call_later(0, lambda: _execute(kernel, work))
+    return True
+
+
+def queue_delayed_work(kernel: Kernel, dwork: DelayedWork, seconds: float) -> bool:
+    """schedule_delayed_work(): False if it was already pending."""
+    check_seconds(seconds)
+    if dwork.pending:
+        return False
+    dwork.pending = True
+
+    def fire() -> None:
+        dwork.timer = None
+        _execute(kernel, dwork)
+    dwork.timer = kernel.timers.call_later(seconds, fire)
+    return True
+
+
+def _execute(kernel: Kernel, work: Work) -> None:
+    """process_one_work() on an idle kworker."""
+    if not work.pending:
+        return
+    work.pending = False
+    worker = idle_kworker(kernel)
+    work.worker = worker
+    process_one_work = kernel.kallsyms.find_each(("process_one_work",))[0]
+
+    def run() -> None:
+        worker.frames.append(process_one_work)
+        work.func(work)
+
+    def finished(_: object) -> None:
+        work.worker = None
+        if not worker.exited:
+            kernel.sched.rest(worker)
+        work.done.wake_up(kernel, 0)
+    kernel.code.start(worker, run).add_done_callback(finished)
+
+
+def flush_work(kernel: Kernel, work: Work) -> bool:
+    """Wait until the work is neither pending nor running; True if it had to wait."""
+    if not work.pending and work.worker is None:
+        return False
+    if work.worker is not None and work.worker is kernel.code.current:
+        raise RuntimeError("flush_work: a work item flushing itself deadlocks")
+    wait_event(kernel, work.done, lambda: not work.pending and work.worker is None,
+               TASK_UNINTERRUPTIBLE, None, FLUSH_WORK)
+    return True
+
+
+def cancel_work(kernel: Kernel, work: Work) -> bool:
+    """cancel_delayed_work()/cancel_work(): drop a pending run; True if there was one."""
+    if not work.pending:
+        return False
+    work.pending = False
+    if isinstance(work, DelayedWork) and work.timer is not None:
+        work.timer.cancel()
+        work.timer = None
+    return True
+
+
+def cancel_work_sync(kernel: Kernel, work: Work) -> bool:
+    """cancel_*_sync(): drop a pending run and wait for a running one."""
+    was_pending = cancel_work(kernel, work)
+    flush_work(kernel, work)
+    return was_pending
+
+
+def idle_kworker(kernel: Kernel) -> Task:
+    """A kworker with nothing to do, as the workqueue would pick; a new one if all are busy."""
+    sched = kernel.sched
+    for task in sched.tasks.values():
+        if (task.kind is TaskKind.KTHREAD and task.comm.startswith("kworker/") and task.activity is None
+                and not task.frames and kernel.code.running(task) is None):
+            return task
+    template = next(t for t in sched.tasks.values() if t.comm.startswith("kworker/"))
+    return sched.add(f"kworker/u{len(sched.cpu_online) * 2}:{len(sched.tasks)}", TaskKind.KTHREAD,
+                     template.base, ppid=2)
