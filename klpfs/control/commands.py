@@ -144,7 +144,10 @@ def cmd_insmod(args: argparse.Namespace) -> int:
         _error("insmod", f"could not insert module {args.file}: Invalid module format")
         print(reply["error"], file=sys.stderr)
         return 1
-    return _error("insmod", f"could not insert module {args.file}: {reply['error']}")
+    _error("insmod", f"could not insert module {args.file}: {reply['error']}")
+    if reply.get("detail"):
+        print(reply["detail"], file=sys.stderr)
+    return 1
 
 
 def cmd_rmmod(args: argparse.Namespace) -> int:

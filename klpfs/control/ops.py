@@ -81,7 +81,7 @@ class Control:
                 kernel.sched.exit(task)
         if ret:
             fault = mod.data.get("fault")
-            return fail(-ret, f"{mod.name}: init faulted: {fault}" if fault else "")
+            return fail(-ret, detail=f"{mod.data.get('file', mod.name)}: init faulted: {fault}") if fault else fail(-ret)
         return ok(name=mod.name)
 
     def _check_profile(self, mf: ModuleFile) -> None:

@@ -68,8 +68,8 @@ def insmod(argv: list[str]) -> int:
     if not reply["ok"]:
         error = "Invalid module format" if reply.get("file_error") else reply["error"]
         print(f"insmod: ERROR: could not insert module {args.filename}: {error}", file=sys.stderr)
-        if reply.get("file_error"):
-            print(reply["error"], file=sys.stderr)
+        if reply.get("file_error") or reply.get("detail"):
+            print(reply["detail"] if reply.get("detail") else reply["error"], file=sys.stderr)
         return 1
     sync_after_module_change()
     return 0
