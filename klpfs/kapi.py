@@ -2,7 +2,7 @@
 module's `#include <linux/...>`.
 
 Names and arguments follow the C API so a kernel module transliterates
-line by line (see docs/module-files.md).  What C passes by address, Python
+line by line (see docs/modules.md).  What C passes by address, Python
 passes as the object (`complete(busymod_work_started)`); a C variable that a
 parameter or WRITE_ONCE changes is a module global; jiffies are ints.
 
@@ -357,6 +357,25 @@ class _Jiffies:
 
 
 jiffies = _Jiffies()
+
+
+class _ConsolePrintk:
+    """console_printk[]: the running kernel's; `console_loglevel` is the C macro
+    for console_printk[0], so module code reads and writes `console_printk[0]`."""
+
+    def __getitem__(self, index: int) -> int:
+        return _nearest_ctx().kernel.log.console_printk[index]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        _nearest_ctx().kernel.log.console_printk[index] = int(value)
+
+    def __repr__(self) -> str:
+        return "console_printk"
+
+
+console_printk = _ConsolePrintk()
+CONSOLE_LOGLEVEL_DEFAULT = _printk.CONSOLE_LOGLEVEL_DEFAULT
+CONSOLE_LOGLEVEL_MOTORMOUTH = _printk.CONSOLE_LOGLEVEL_MOTORMOUTH
 
 
 def msecs_to_jiffies(msecs: int) -> int:

@@ -2,7 +2,7 @@
 
 Parsing validates everything before anything touches the emulated kernel,
 and every error names the file, the key and the problem.  The format is
-documented in docs/module-files.md.
+documented in docs/modules.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from klpfs.control.client import ControlError, request, stream
 from klpfs.control.commands import format_record, print_lsmod
-from klpfs.control.modfile import ModuleFile, ModuleFileError, load_module_file
+from klpfs.control.modfile import ModuleFileError, load_module_file
+from klpfs.modules.pymodule import PyModuleError, read_modinfo
 from klpfs.control.run import RunState, sync_after_module_change
 from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, module_stem
@@ -138,18 +139,30 @@ def lsmod(argv: list[str]) -> int:
     return 0
 
 
-def _modinfo_fields(mf: ModuleFile, path: Path, release: str) -> list[tuple[str, str]]:
+def _modinfo_fields(path: Path, release: str) -> list[tuple[str, str]]:
+    """modinfo's fields, in its order, for a TOML or a Python module; ModuleFileError/PyModuleError."""
+    if path.suffix == ".py":
+        pm = read_modinfo(path, path.read_text())
+        name, license, description, authors = pm.name, pm.license, pm.description, pm.authors
+        livepatch, intree = pm.info.get("livepatch") == "Y", pm.info.get("intree", "Y") == "Y"
+        params = pm.params
+    else:
+        mf = load_module_file(path)
+        name, license, description, authors = mf.name, mf.license, mf.description, []
+        livepatch, intree = mf.livepatch, not mf.out_of_tree
+        params = [(pname, p.description, p.type) for pname, p in mf.params.items()]
     fields = [("filename", str(path.resolve()))]
-    if mf.livepatch:
+    if livepatch:
         fields.append(("livepatch", "Y"))
-    fields += [("license", mf.license)]
-    if mf.description:
-        fields.append(("description", mf.description))
+    fields += [("license", license)]
+    fields += [("author", author) for author in authors]
+    if description:
+        fields.append(("description", description))
     fields += [("depends", ""), ("retpoline", "Y")]
-    if not mf.out_of_tree:
+    if intree:
         fields.append(("intree", "Y"))
-    fields += [("name", mf.name), ("vermagic", f"{release} SMP mod_unload modversions ")]
-    fields += [("parm", f"{name}:{p.description} ({p.type})") for name, p in mf.params.items()]
+    fields += [("name", name), ("vermagic", f"{release} SMP mod_unload modversions ")]
+    fields += [("parm", f"{pname}:{desc} ({ptype})") for pname, desc, ptype in params]
     return fields
 
 
@@ -168,12 +181,12 @@ def modinfo(argv: list[str]) -> int:
             status = 1
             continue
         try:
-            mf = load_module_file(path)
-        except ModuleFileError as e:
+            fields = _modinfo_fields(path, release)
+        except (ModuleFileError, PyModuleError) as e:
             print(f"modinfo: ERROR: could not get modinfo from '{name}': Invalid argument\n{e}", file=sys.stderr)
             status = 1
             continue
-        for key, value in _modinfo_fields(mf, path, release):
+        for key, value in fields:
             if args.field is None:
                 print(f"{key + ':':<16}{value}")
             elif key == args.field:

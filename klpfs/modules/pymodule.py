@@ -239,3 +239,49 @@ def _bound(kf: KFunc) -> Callable[..., Any]:
     body = kf.body
     assert body is not None
     return body
+
+
+@dataclass
+class StaticModInfo:
+    """What modinfo shows of a Python module, read from its source without running it."""
+
+    name: str
+    license: str = ""
+    description: str = ""
+    authors: list[str] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+    params: list[tuple[str, str, str]] = field(default_factory=list)
+    """(name, description, type) of each parameter."""
+
+
+def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
+    """The MODULE_*() and module_param*() calls of the module's top level; PyModuleError if unparsable."""
+    path = Path(path)
+    try:
+        tree = ast.parse(text, str(path))
+    except SyntaxError as e:
+        raise PyModuleError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    info = StaticModInfo(path.stem.replace("-", "_"))
+    params: dict[str, list[str]] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name)):
+            continue
+        args = [a.value if isinstance(a, ast.Constant) else None for a in node.value.args]
+        call = node.value.func.id
+        if call == "MODULE_LICENSE" and args:
+            info.license = str(args[0])
+        elif call == "MODULE_DESCRIPTION" and args:
+            info.description = str(args[0])
+        elif call == "MODULE_AUTHOR" and args:
+            info.authors.append(str(args[0]))
+        elif call == "MODULE_INFO" and len(args) == 2:
+            info.info[str(args[0])] = str(args[1])
+        elif call in ("module_param", "module_param_named", "module_param_array") and len(args) >= 3:
+            ptype = args[2] if call == "module_param_named" else args[1]
+            kind = f"array of {ptype}" if call == "module_param_array" else ptype
+            params[str(args[0])] = ["", str(kind)]
+        elif call == "MODULE_PARM_DESC" and len(args) == 2 and args[0] in params:
+            params[str(args[0])][0] = str(args[1])
+    info.params = [(name, desc, ptype) for name, (desc, ptype) in params.items()]
+    return info
