@@ -176,13 +176,19 @@ class CodeRunner:
         when its CPU gets to it.  Either way before the engine operation that
         started it all returns, so the order of events is deterministic."""
         self._ready.append(switch)
-        if greenlet.getcurrent() is self._main and not self._draining:
-            self._draining = True
-            try:
-                while self._ready:
-                    self._ready.popleft()()
-            finally:
-                self._draining = False
+        self._drain()
+
+    def _drain(self) -> None:
+        """Run the ready code, unless an engine operation that called module code is
+        still under way (it is atomic: it drains when it ends) or we are draining."""
+        if greenlet.getcurrent() is not self._main or self._draining or self._atomic:
+            return
+        self._draining = True
+        try:
+            while self._ready:
+                self._ready.popleft()()
+        finally:
+            self._draining = False
 
     def kill(self, task: Task) -> None:
         """do_exit for a task whose code is suspended: unwind it (finally blocks run)."""
@@ -251,6 +257,7 @@ class CodeRunner:
         finally:
             self._atomic -= 1
             self._trace_off()
+            self._drain()
 
     # -- faults -----------------------------------------------------------------------
 
