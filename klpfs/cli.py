@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -90,6 +91,14 @@ examples:
 """
 
 
+SELFTESTS_EXAMPLES = """\
+examples:
+  sudo klpfs selftests --fetch 6.1 --kernel 6.1                  # every script of Linux 6.1's tree
+  sudo klpfs selftests --fetch 6.12 --kernel latest test-livepatch test-state
+  sudo klpfs selftests --tree ~/linux/tools/testing/selftests/livepatch --kernel 6.1
+"""
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from klpfs.control import run
     from klpfs.fs.mount import MountError, MountOptions
@@ -102,6 +111,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return run.run(command, args.kernel, args.modules, args.options, args.keep_mounted)
     except (MountError, run.RunError, OSError) as exc:
         print(f"klpfs run: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_selftests(args: argparse.Namespace) -> int:
+    from klpfs.control import selftests
+    try:
+        if args.fetch:
+            tree = selftests.fetch_source(args.fetch) / selftests.SELFTESTS
+        else:
+            tree = Path(args.tree)
+        return selftests.run(tree, args.kernel, args.tests)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"klpfs selftests: {exc}", file=sys.stderr)
         return 1
 
 
@@ -168,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     cmd.set_defaults(func=_cmd_run)
 
+    cmd = commands.add_parser(
+        "selftests", help="run the kernel's livepatch selftests against the emulator (needs root)",
+        description="Run the kernel's own livepatch selftest scripts, unmodified, each under its own "
+                    "`klpfs run`, and print their results.  Exits non-zero if any script fails.",
+        epilog=SELFTESTS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
+                     help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
+    source = cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tree", metavar="DIR",
+                        help="a kernel tree's tools/testing/selftests/livepatch directory")
+    source.add_argument("--fetch", metavar="VERSION", choices=["6.1", "6.12"],
+                        help="download Debian's linux-source-VERSION (6.1 or 6.12) with apt-get, keep only "
+                             "the selftests, cache them")
+    cmd.add_argument("tests", nargs="*", metavar="TEST", help="scripts to run, e.g. test-livepatch (default: all)")
+    cmd.set_defaults(func=_cmd_selftests)
+
     cmd = commands.add_parser("shim", help=argparse.SUPPRESS)
     cmd.add_argument("tool", choices=sorted(SHIMS))
     cmd.add_argument("args", nargs=argparse.REMAINDER)
@@ -203,7 +241,7 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("mount", "umount", "run", "shim"):
+    if args.command in ("mount", "umount", "run", "shim", "selftests"):
         return args.func(args)
     return control.run(args)
 

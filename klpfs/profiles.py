@@ -31,6 +31,9 @@ FORCE_REMOVED = "removed"
 class Profile:
     version: str
     release: str
+    """What `uname -r` reports: a release string a distribution shipped for that
+    kernel (4.15: Ubuntu 18.04; 4.16 and 6.1, 6.11: Debian; 5.1: Fedora 30;
+    6.14: Ubuntu 25.04), so tools parsing it meet the real shapes."""
     # -- patch structures and API --------------------------------------------
     immediate: bool
     """klp_patch.immediate and klp_func.immediate exist (4.15 only, §4.1)."""
@@ -75,6 +78,10 @@ class Profile:
     sysfs_stack_order: bool
     """<patch>/stack_order, 0444 (6.14 on)."""
     # -- shadow variables and the module loader ------------------------------------
+    ftrace_permanent: bool
+    """Livepatch's ftrace ops are permanent: ftrace_enabled cannot be turned off under a
+    patch, and a patch cannot be enabled while it is off (-EBUSY) (5.5 on).  Before,
+    turning it off silently stops every redirection."""
     shadow_ctor_dtor: bool
     """klp_shadow_alloc takes a constructor, klp_shadow_free a destructor (4.17 on)."""
     vmlinux_name_check: bool
@@ -92,38 +99,38 @@ class Profile:
 
 
 LINUX_4_15 = Profile(
-    version="4.15", release="4.15.0",
+    version="4.15", release="4.15.0-213-generic",
     immediate=True, register_api=True, stacking_rule=True, atomic_replace=False, system_states=False,
     no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128, null_checks_first=False,
     sysfs_signal=False, sysfs_force=False, force_marks=FORCE_NONE, auto_signals=False,
     stack_check_in_try_switch=False, cond_resched_switch=False,
     replaced_freed_after_callbacks=False,
     sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
-    shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
+    ftrace_permanent=False, shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
 )
 
 LINUX_4_16 = LINUX_4_15.derive(
-    "4.16", "4.16.13",
+    "4.16", "4.16.0-2-amd64",
     immediate=False, no_reliable_stack=ENOSYS, sysfs_signal=True, sysfs_force=True, force_marks=FORCE_GLOBAL,
 )
 
 LINUX_5_1 = LINUX_4_16.derive(
-    "5.1", "5.1.21",
+    "5.1", "5.1.20-300.fc30.x86_64",
     register_api=False, stacking_rule=False, atomic_replace=True, no_reliable_stack=EOPNOTSUPP,
     name_limits=True, sysfs_signal=False, force_marks=FORCE_LISTED, auto_signals=True, shadow_ctor_dtor=True,
 )
 
 LINUX_6_1 = LINUX_5_1.derive(
-    "6.1", "6.1.0",
-    system_states=True, no_reliable_stack=WARN, ksym_name_len=512, null_checks_first=True,
+    "6.1", "6.1.0-50-amd64",
+    system_states=True, ftrace_permanent=True, no_reliable_stack=WARN, ksym_name_len=512, null_checks_first=True,
     force_marks=FORCE_REMOVED,
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
 )
 
-LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.0", cond_resched_switch=True, sysfs_replace=True)
+LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True)
 
-LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0", sysfs_stack_order=True)
+LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True)
 
 PROFILES: dict[str, Profile] = {p.version: p for p in (LINUX_4_15, LINUX_4_16, LINUX_5_1, LINUX_6_1,
                                                        LINUX_6_11, LINUX_6_14)}

@@ -23,8 +23,18 @@ from pathlib import Path
 
 from klpfs.control import namespace
 from klpfs.fs.child import MountedChild, MountFailed
+from klpfs.profiles import get_profile
 
-SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg")
+SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg", "uname")
+PROC_FILES = ("cmdline", "version", "meminfo", "modules", "sys/kernel/tainted", "sys/kernel/ftrace_enabled")
+"""The emulated kernel's /proc files bound over the host's (the host's procfs stays for processes)."""
+KDIR_MAKEFILE = """\
+# klpfs: the emulated kernel's build directory.  Its modules are Python or TOML
+# module files (klpfs insmod FILE), not compiled objects; `klpfs selftests`
+# gives the kernel's livepatch selftests the test_modules/*.ko they look for.
+all modules:
+\t@echo "klpfs: modules for the emulated kernel are module files, not compiled" >&2; exit 1
+"""
 STATE_ENV = "KLPFS_RUN_STATE"
 
 
@@ -99,13 +109,36 @@ def _write_shims(bindir: Path) -> None:
         shim.chmod(0o755)
 
 
-def _expose(state: RunState) -> None:
-    """/sys/kernel/livepatch and /sys/module/<emulated> at their real paths."""
+def _expose(state: RunState, release: str) -> None:
+    """/sys/kernel/livepatch, /sys/module/<emulated>, the kernel's /proc files and
+    /lib/modules/<release> at their real paths."""
     namespace.overlay_dir(Path("/sys/kernel"), state.workdir / "host-kernel", skip={"livepatch"})
     os.mkdir("/sys/kernel/livepatch")
     namespace.bind(state.mountpoint / "sys/kernel/livepatch", "/sys/kernel/livepatch")
     namespace.overlay_dir(Path("/sys/module"), state.workdir / "host-module", skip=set())
     state.sync_modules()
+    for name in PROC_FILES:
+        # procfs cannot get new entries: a file the host kernel lacks (/proc/modules
+        # without CONFIG_MODULES) stays missing.
+        if (Path("/proc") / name).exists():
+            namespace.bind(state.mountpoint / "proc" / name, Path("/proc") / name)
+    _expose_release(state, release)
+
+
+def _expose_release(state: RunState, release: str) -> None:
+    """/lib/modules/<release> with an empty module index and `build` (KDIR), the
+    host's other releases kept.  Without a /lib/modules, its parent is overlaid."""
+    modules = Path("/lib/modules").resolve()
+    if modules.is_dir():
+        namespace.overlay_dir(modules, state.workdir / "host-lib-modules", skip={release})
+    else:
+        namespace.overlay_dir(modules.parent, state.workdir / "host-lib", skip=set())
+        modules.mkdir()
+    tree = modules / release
+    (tree / "build").mkdir(parents=True)
+    (tree / "build" / "Makefile").write_text(KDIR_MAKEFILE)
+    for index in ("modules.dep", "modules.alias", "modules.builtin", "modules.order", "modules.symbols"):
+        (tree / index).touch()
 
 
 def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Sequence[str],
@@ -129,7 +162,7 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     except MountFailed as e:
         raise RunError(str(e)) from None
     try:
-        _expose(state)
+        _expose(state, get_profile(kernel).release)
         env["PATH"] = f"{state.workdir / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         try:
             status = subprocess.run(list(command), env=env).returncode
@@ -140,11 +173,14 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
             _wait_for_interrupt(os.getpid())
         return status
     finally:
-        for target in ("/sys/kernel", "/sys/module"):
+        for name in PROC_FILES:
+            namespace.detach(Path("/proc") / name)
+        for target in ("/sys/kernel", "/sys/module", str(Path("/lib/modules").resolve()),
+                       str(Path("/lib/modules").resolve().parent)):
             namespace.detach(target)
         daemon.stop()
         log.close()
-        for kept in ("host-kernel", "host-module"):
+        for kept in ("host-kernel", "host-module", "host-lib-modules", "host-lib"):
             namespace.detach(state.workdir / kept)
         shutil.rmtree(state.workdir, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""insmod, rmmod, modprobe, lsmod, modinfo and dmesg as livepatch tools call them,
+"""insmod, rmmod, modprobe, lsmod, modinfo, dmesg and uname as livepatch tools call them,
 acting on the emulator and answering in the real tools' formats and exit codes.
 
 `klpfs run` puts these first on PATH.  Module names resolve to module files
@@ -9,6 +9,10 @@ written for a real kernel's .ko files finds their emulated counterparts.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +49,14 @@ def _resolve(name: str) -> Path | None:
     return find_module_file(module_stem(name), _search())
 
 
+def mod_strerror(err: int) -> str:
+    """What kmod's insmod says for a module the kernel refused with errno `err`:
+    its own words for a few errnos, strerror() for the rest."""
+    words = {errno.ENOEXEC: "Invalid module format", errno.ENOENT: "Unknown symbol in module",
+             errno.ESRCH: "Module has wrong symbol version", errno.EINVAL: "Invalid parameters"}
+    return words.get(err, os.strerror(err))
+
+
 def _load(path: Path, params: list[str]) -> dict:
     return request(None, "insmod", path=str(path), text=path.read_text(), params=params)
 
@@ -67,7 +79,7 @@ def insmod(argv: list[str]) -> int:
         return 1
     reply = _load(path, args.args)
     if not reply["ok"]:
-        error = "Invalid module format" if reply.get("file_error") else reply["error"]
+        error = mod_strerror(errno.ENOEXEC if reply.get("file_error") else reply["errno"])
         print(f"insmod: ERROR: could not insert module {args.filename}: {error}", file=sys.stderr)
         if reply.get("file_error") or reply.get("detail"):
             print(reply["detail"] if reply.get("detail") else reply["error"], file=sys.stderr)
@@ -212,8 +224,21 @@ def dmesg(argv: list[str]) -> int:
     return 0
 
 
-TOOLS: dict[str, Callable[[list[str]], int]] = {
-    "insmod": insmod, "rmmod": rmmod, "modprobe": modprobe, "lsmod": lsmod, "modinfo": modinfo, "dmesg": dmesg}
+
+def uname(argv: list[str]) -> int:
+    """The real uname, with the emulated kernel's release where the host's would show."""
+    state = RunState.current()
+    shim_dir = str(state.workdir / "bin") if state is not None else ""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != shim_dir)
+    real = shutil.which("uname", path=path)
+    if real is None:
+        print("uname: the real uname is not installed", file=sys.stderr)
+        return 1
+    res = subprocess.run([real, *argv], capture_output=True, text=True)
+    sys.stderr.write(res.stderr)
+    release = request(None, "status")["release"]
+    sys.stdout.write(res.stdout.replace(os.uname().release, release))
+    return res.returncode
 
 
 def main(tool: str, argv: list[str]) -> int:
@@ -224,3 +249,8 @@ def main(tool: str, argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "insmod": insmod, "rmmod": rmmod, "modprobe": modprobe, "lsmod": lsmod, "modinfo": modinfo, "dmesg": dmesg,
+    "uname": uname}

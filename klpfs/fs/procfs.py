@@ -8,6 +8,7 @@ to cat exactly when that task would see it.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 from klpfs.kernel.kernel import Kernel
@@ -31,6 +32,7 @@ class ProcFs:
         self._proc = proc
         self._kernel = kernel
         self._dirs: dict[int, KernfsNode] = {}
+        self._ftrace_enabled = 1
         for name, func in SHOW_FUNCTIONS.items():
             kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func), size=0)
         kernfs.create_file(proc, "modules", 0o444, self._modules, size=0)
@@ -38,6 +40,8 @@ class ProcFs:
         kernfs.create_link(proc, "self", lambda: str(kernel.console.pid))
         sys_kernel = kernfs.create_dir(kernfs.create_dir(proc, "sys", 0o555), "kernel", 0o555)
         kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n", size=0)
+        kernfs.create_file(sys_kernel, "ftrace_enabled", 0o644, lambda: f"{self._ftrace_enabled}\n",
+                           self._set_ftrace_enabled, size=0)
         for task in kernel.sched.tasks.values():
             self._task_event("fork", task)
         kernel.sched.task_notifiers.append(self._task_event)
@@ -45,6 +49,20 @@ class ProcFs:
     def create_file(self, name: str, mode: int, show: Callable[[], str]) -> KernfsNode:
         """A /proc/<name> file a module creates (proc_create_single)."""
         return self._kernfs.create_file(self._proc, name, mode, show, size=0)
+
+    def _set_ftrace_enabled(self, buf: bytes) -> int:
+        """proc_dointvec() then ftrace_enable_sysctl(): any int; 0 refused under a permanent ops."""
+        try:
+            value = int(buf.decode("ascii").strip() or "x", 10)
+        except (UnicodeDecodeError, ValueError):
+            return -errno.EINVAL
+        if not -(1 << 31) <= value < 1 << 31:
+            return -errno.EINVAL
+        ret = self._kernel.ftrace.set_enabled(value != 0)
+        if ret:
+            return ret
+        self._ftrace_enabled = value
+        return len(buf)
 
     def _call(self, func_name: str) -> str:
         kernel = self._kernel

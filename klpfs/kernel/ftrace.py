@@ -12,6 +12,8 @@ import errno
 from collections.abc import Callable
 
 FTRACE_OPS_FL_IPMODIFY = 1 << 0
+FTRACE_OPS_FL_PERMANENT = 1 << 1
+"""The ops must keep working: ftrace_enabled may not be turned off under it (5.5 on)."""
 
 Handler = Callable[[int, object], int | None]
 """handler(ip, task) -> address to run instead, or None to run ip itself."""
@@ -31,6 +33,15 @@ class Ftrace:
     def __init__(self, location: Callable[[int], int]):
         self._location = location
         self.hooks: dict[int, FtraceOps] = {}
+        self.enabled = True
+        """The kernel.ftrace_enabled sysctl: off, no hook runs."""
+
+    def set_enabled(self, enabled: bool) -> int:
+        """ftrace_enable_sysctl(): turning it off under a permanent ops is -EBUSY."""
+        if not enabled and any(ops.flags & FTRACE_OPS_FL_PERMANENT for ops in self.hooks.values()):
+            return -errno.EBUSY
+        self.enabled = enabled
+        return 0
 
     def ftrace_location(self, ip: int) -> int:
         """The patchable address of the function at ip, or 0 if it has none."""
@@ -46,6 +57,8 @@ class Ftrace:
         return 0
 
     def register_ftrace_function(self, ops: FtraceOps) -> int:
+        if ops.flags & FTRACE_OPS_FL_PERMANENT and not self.enabled:
+            return -errno.EBUSY
         if ops.flags & FTRACE_OPS_FL_IPMODIFY and any(ip in self.hooks for ip in ops.filter):
             return -errno.EBUSY
         for ip in ops.filter:
@@ -62,7 +75,7 @@ class Ftrace:
 
     def resolve(self, ip: int, task: object) -> int:
         """The address that actually runs when task calls the function at ip."""
-        ops = self.hooks.get(ip)
+        ops = self.hooks.get(ip) if self.enabled else None
         if ops is None:
             return ip
         new_ip = ops.func(ip, task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from klpfs.kernel.ftrace import FTRACE_OPS_FL_IPMODIFY, FtraceOps
+from klpfs.kernel.ftrace import FTRACE_OPS_FL_IPMODIFY, FTRACE_OPS_FL_PERMANENT, FtraceOps
 from klpfs.kernel.printk import KERN_ERR
 from klpfs.livepatch.structs import KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch
 
@@ -51,8 +51,8 @@ def klp_patch_func(lp: Livepatch, func: KlpFunc) -> int:
     if not ftrace_loc:
         lp.pr(KERN_ERR, f"failed to find location for function '{func.old_name}'")
         return -errno.EINVAL
-    ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(ops, ip, task), FTRACE_OPS_FL_IPMODIFY),
-                 [func])
+    flags = FTRACE_OPS_FL_IPMODIFY | (FTRACE_OPS_FL_PERMANENT if lp.profile.ftrace_permanent else 0)
+    ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(ops, ip, task), flags), [func])
     lp.klp_ops.append(ops)
     ret = ftrace.set_filter_ip(ops.fops, ftrace_loc)
     if ret:
