@@ -65,7 +65,67 @@ def _loaded(name: str) -> bool:
     return any(m["name"] == name for m in request(None, "lsmod")["modules"])
 
 
+def _real_tool(tool: str) -> str | None:
+    """The program the shim stands in for: the next `tool` on PATH after the shims."""
+    state = RunState.current()
+    shim_dir = str(state.workdir / "bin") if state is not None else ""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != shim_dir)
+    return shutil.which(tool, path=path)
+
+
+def _busybox(tool: str) -> bool:
+    """Does the namespace's `tool` belong to busybox (then answer in busybox's words)?"""
+    real = _real_tool(tool)
+    return real is not None and Path(os.path.realpath(real)).name == "busybox"
+
+
+def busybox_moderror(err: int) -> str:
+    """busybox's moderror(): its own words for a few errnos, strerror() for the rest."""
+    return {errno.ENOEXEC: "invalid module format", errno.ENOENT: "unknown symbol in module, or unknown parameter",
+            errno.ESRCH: "module has wrong symbol version",
+            errno.ENOSYS: "kernel does not support requested operation"}.get(err, os.strerror(err))
+
+
+def busybox_insmod(argv: list[str]) -> int:
+    """busybox insmod: finit_module(), and after a failure init_module() of the
+    same file once more (bb_init_module); the exit status is that errno."""
+    if not argv:
+        print("BusyBox insmod: usage: insmod FILE [SYMBOL=VALUE]...", file=sys.stderr)
+        return 1
+    filename, params = argv[0], argv[1:]
+    path = _resolve(filename)
+    if path is None:
+        print(f"insmod: can't insert '{filename}': No such file or directory", file=sys.stderr)
+        return 256 - errno.ENOENT
+    reply = _load(path, params)
+    if not reply["ok"]:
+        reply = _load(path, params)
+    if reply["ok"]:
+        sync_after_module_change()
+        return 0
+    err = errno.ENOEXEC if reply.get("file_error") else reply["errno"]
+    print(f"insmod: can't insert '{filename}': {busybox_moderror(err)}", file=sys.stderr)
+    return err
+
+
+def busybox_rmmod(argv: list[str]) -> int:
+    """busybox rmmod: delete_module(O_NONBLOCK) of each name; strerror on failure."""
+    status = 0
+    for name in (a for a in argv if not a.startswith("-")):
+        stem = module_stem(name)
+        reply = request(None, "rmmod", name=stem)
+        if reply["ok"]:
+            sync_after_module_change()
+            continue
+        print(f"rmmod: can't unload module '{stem}': {os.strerror(reply['errno'])}", file=sys.stderr)
+        status = 1
+        break
+    return status
+
+
 def insmod(argv: list[str]) -> int:
+    if _busybox("insmod"):
+        return busybox_insmod(argv)
     parser = _Parser(prog="insmod", usage="insmod [options] filename [args]")
     parser.add_argument("-f", "--force", action="store_true")
     parser.add_argument("-s", "--syslog", action="store_true")
@@ -109,6 +169,8 @@ def _remove(name: str, tool: str) -> int:
 
 
 def rmmod(argv: list[str]) -> int:
+    if _busybox("rmmod"):
+        return busybox_rmmod(argv)
     parser = _Parser(prog="rmmod", usage="rmmod [options] modulename ...")
     for flag, long in (("-f", "--force"), ("-s", "--syslog"), ("-v", "--verbose"), ("-w", "--wait")):
         parser.add_argument(flag, long, action="store_true")
@@ -227,10 +289,7 @@ def dmesg(argv: list[str]) -> int:
 
 def uname(argv: list[str]) -> int:
     """The real uname, with the emulated kernel's release where the host's would show."""
-    state = RunState.current()
-    shim_dir = str(state.workdir / "bin") if state is not None else ""
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != shim_dir)
-    real = shutil.which("uname", path=path)
+    real = _real_tool("uname")
     if real is None:
         print("uname: the real uname is not installed", file=sys.stderr)
         return 1
