@@ -34,6 +34,7 @@ from klpfs.kernel.seq_file import SeqFile
 from klpfs.kernel.timers import HZ
 from klpfs.livepatch import state as _state
 from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
+from klpfs.modules.pydebug import module_callsite
 
 if TYPE_CHECKING:
     from klpfs.modules.pymodule import KFunc
@@ -46,6 +47,7 @@ globals().update({name: getattr(_errno, name) for name in dir(_errno) if name.st
 NULL = None
 GFP_KERNEL = 0xCC0
 GFP_ATOMIC = 0xA20
+GFP_NOWAIT = 0x800
 MODULE_STATE_LIVE = ModuleState.LIVE
 MODULE_STATE_COMING = ModuleState.COMING
 MODULE_STATE_GOING = ModuleState.GOING
@@ -100,11 +102,15 @@ class ModuleContext:
         self.kobjects.clear()
 
     def printk(self, level: int, fmt: str, args: tuple[Any, ...]) -> None:
+        self.kernel.printk(level, self.pr_text(fmt, args))
+
+    def pr_text(self, fmt: str, args: tuple[Any, ...]) -> str:
+        """A pr_*() message: the module's pr_fmt() applied, formatted, without its newline."""
         pr_fmt = self.ns.get("pr_fmt")
         if callable(pr_fmt):
             fmt = pr_fmt(fmt)
         text = self.format(fmt, args)
-        self.kernel.printk(level, text[:-1] if text.endswith("\n") else text)
+        return text[:-1] if text.endswith("\n") else text
 
     def format(self, fmt: str, args: tuple[Any, ...]) -> str:
         return vsnprintf(fmt, args, self.symbol)
@@ -152,19 +158,36 @@ def _gates(profile: Profile) -> dict[str, str]:
     for name in ("klp_get_state", "klp_get_prev_state", "klp_state"):
         if not profile.system_states:
             gates[name] = "unknown"
-    for name in ("klp_shadow_alloc", "klp_shadow_get_or_alloc", "klp_shadow_free", "klp_shadow_free_all"):
+    for name in SHADOW_ARGS_BEFORE_4_17:
         if not profile.shadow_ctor_dtor:
             gates[name] = "version"
     return gates
 
 
-def check_symbols(names: set[str], profile: Profile, modname: str) -> tuple[str, int] | None:
-    """simplify_symbols(): the first symbol the module needs that this kernel lacks."""
+SHADOW_ARGS_BEFORE_4_17 = {"klp_shadow_alloc": 5, "klp_shadow_get_or_alloc": 5, "klp_shadow_free": 2,
+                           "klp_shadow_free_all": 1}
+"""The shadow API before 4.17, without constructor or destructor: (obj, id, data, size,
+gfp_flags), (obj, id) and (id).  A module is built against one kernel's headers, so it
+calls these in that kernel's form; a call in the other form is the other kernel's."""
+
+
+def check_symbols(names: set[str], profile: Profile, modname: str,
+                  arities: dict[str, set[int | None]] | None = None) -> tuple[str, int] | None:
+    """simplify_symbols(): the first symbol the module needs that this kernel lacks.
+    `arities`: for each name, the argument counts of the calls to it (None for a use
+    other than a call); a shadow API function used only in this kernel's form is fine."""
     gates = _gates(profile)
+    arities = arities or {}
     for name in sorted(names & gates.keys()):
         if gates[name] == "unknown":
             return f"{modname}: Unknown symbol {name} (err -2)", _errno.ENOENT
+        if arities.get(name) == {SHADOW_ARGS_BEFORE_4_17.get(name)}:
+            continue
         return f"{modname}: disagrees about version of symbol {name}", _errno.EINVAL
+    if profile.shadow_ctor_dtor:
+        for name in sorted(names & SHADOW_ARGS_BEFORE_4_17.keys()):
+            if SHADOW_ARGS_BEFORE_4_17[name] in arities.get(name, set()):
+                return f"{modname}: disagrees about version of symbol {name}", _errno.EINVAL
     return None
 
 
@@ -260,7 +283,15 @@ pr_err = _pr(_printk.KERN_ERR)
 pr_warn = pr_warning = _pr(_printk.KERN_WARNING)
 pr_notice = _pr(_printk.KERN_NOTICE)
 pr_info = _pr(_printk.KERN_INFO)
-pr_debug = _pr(_printk.KERN_DEBUG)
+
+
+def pr_debug(fmt: str, *args: Any) -> None:
+    """pr_debug(): through this call's dynamic debug callsite, printed only while it has `p`."""
+    caller = sys._getframe(1)
+    ctx = _ctx()
+    dp = module_callsite(ctx.module, ctx.filename, caller.f_code.co_name, caller.f_lineno, fmt)
+    if dp.enabled:
+        ctx.kernel.dyndbg.pr_debug(dp, ctx.pr_text(fmt, args))
 
 
 def printk(fmt: str, *args: Any) -> None:
@@ -269,6 +300,28 @@ def printk(fmt: str, *args: Any) -> None:
     ctx = _ctx()
     text = ctx.format(fmt[2:] if level is not None else fmt, args)
     ctx.kernel.printk(_printk.KERN_WARNING if level is None else level, text.rstrip("\n"))
+
+
+def WARN_ON(condition: Any) -> bool:
+    """WARN_ON(cond): when cond is true, the kernel's warning report (its first
+    and last lines, and the WARNING line naming the module's file, line and
+    function); returns whether cond was true."""
+    if not condition:
+        return False
+    ctx = _ctx()
+    kernel = ctx.kernel
+    frame = sys._getframe(1)
+    fn = ctx.funcs.get(frame.f_code.co_name)
+    if fn is not None and fn.sym is not None:
+        # Offsets as the loader sizes functions: 16 bytes per source line.
+        where = ctx.symbol(fn.addr + 0x10 * max(0, frame.f_lineno - frame.f_code.co_firstlineno))
+    else:
+        where = frame.f_code.co_name
+    kernel.printk(_printk.KERN_WARNING, "------------[ cut here ]------------")
+    kernel.printk(_printk.KERN_WARNING, f"WARNING: CPU: 0 PID: {kernel.current.pid} at "
+                                        f"{frame.f_code.co_filename}:{frame.f_lineno} {where}")
+    kernel.printk(_printk.KERN_WARNING, "---[ end trace 0000000000000000 ]---")
+    return True
 
 
 class Buffer:
@@ -734,13 +787,15 @@ def kfree(ptr: Any) -> None:
     """Freed memory is the garbage collector's; nothing to do."""
 
 
+def sizeof(obj: Any) -> int:
+    """sizeof of a variable: a kmalloc'd block's size; anything else is a pointer (8).
+    For a type, write its size (`kzalloc(4, ...)` for an int)."""
+    return obj.size if isinstance(obj, Mem) else 8
+
+
 def LIST_HEAD() -> list[Any]:
     """A list_head is a Python list: append, remove and iterate a copy to delete while walking."""
     return []
-
-
-def sizeof(obj: Any) -> int:
-    return getattr(obj, "size", 8)
 
 
 # -- /proc and sysfs -----------------------------------------------------------------------------------
@@ -971,11 +1026,23 @@ def _shadow_ctor(ctor: Callable[..., int] | None, obj: Any) -> Callable[[object,
     return run
 
 
-def _shadow_alloc(ctx: ModuleContext, obj: Any, id: int, size: int, ctor: Any, ctor_data: Any,
-                  or_get: bool) -> Mem | None:
+def _shadow_alloc(ctx: ModuleContext, obj: Any, id: int, args: tuple[Any, ...], or_get: bool) -> Mem | None:
+    """Both forms: (size, gfp_flags, ctor, ctor_data) from 4.17, (data, size, gfp_flags) before."""
+    if len(args) == 3:
+        value, size, _ = args
+        ctor, ctor_data = None, None
+    else:
+        size, _, ctor, ctor_data = args
+        value = None
     shadow = ctx.system.livepatch.shadow
     alloc = shadow.klp_shadow_get_or_alloc if or_get else shadow.klp_shadow_alloc
-    cell = alloc(obj, id, ctx.kernel.heap.kzalloc(size), _shadow_ctor(ctor, obj), ctor_data)
+    # The kernel allocates a variable only when <obj, id> has none yet.
+    data = None
+    if shadow.klp_shadow_get(obj, id) is None:
+        data = ctx.kernel.heap.kzalloc(size)
+        if value is not None:
+            data.value = value
+    cell = alloc(obj, id, data, _shadow_ctor(ctor, obj), ctor_data)
     return None if cell is None else cell[0]  # type: ignore[return-value]
 
 
@@ -985,25 +1052,31 @@ def klp_shadow_get(obj: Any, id: int) -> Mem | None:
     return None if cell is None else cell[0]  # type: ignore[return-value]
 
 
-def klp_shadow_alloc(obj: Any, id: int, size: int, gfp_flags: int, ctor: Any, ctor_data: Any) -> Mem | None:
-    return _shadow_alloc(_ctx(), obj, id, size, ctor, ctor_data, or_get=False)
+def klp_shadow_alloc(obj: Any, id: int, *args: Any) -> Mem | None:
+    """klp_shadow_alloc(obj, id, size, gfp_flags, ctor, ctor_data); before 4.17
+    klp_shadow_alloc(obj, id, data, size, gfp_flags), where the new variable is a
+    copy of *data: `data` is the value C's pointer points to (it becomes `.value`)."""
+    return _shadow_alloc(_ctx(), obj, id, args, or_get=False)
 
 
-def klp_shadow_get_or_alloc(obj: Any, id: int, size: int, gfp_flags: int, ctor: Any, ctor_data: Any) -> Mem | None:
-    return _shadow_alloc(_ctx(), obj, id, size, ctor, ctor_data, or_get=True)
+def klp_shadow_get_or_alloc(obj: Any, id: int, *args: Any) -> Mem | None:
+    """The same arguments as klp_shadow_alloc, in the running kernel's form."""
+    return _shadow_alloc(_ctx(), obj, id, args, or_get=True)
 
 
-def klp_shadow_free(obj: Any, id: int, dtor: Any) -> None:
+def klp_shadow_free(obj: Any, id: int, dtor: Any = None) -> None:
+    """klp_shadow_free(obj, id, dtor); before 4.17 klp_shadow_free(obj, id)."""
     _ctx().system.livepatch.shadow.klp_shadow_free(obj, id, dtor)
 
 
-def klp_shadow_free_all(id: int, dtor: Any) -> None:
+def klp_shadow_free_all(id: int, dtor: Any = None) -> None:
+    """klp_shadow_free_all(id, dtor); before 4.17 klp_shadow_free_all(id)."""
     _ctx().system.livepatch.shadow.klp_shadow_free_all(id, dtor)
 
 
-_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "KERN_LEVEL", "annotations", "sys", "Callable",
+_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL", "annotations", "sys", "Callable",
              "TYPE_CHECKING", "Any", "PrintfError", "code_location", "PARAM_TYPES", "ParamSpec", "KSym", "Module",
              "ModuleState", "Task", "SeqFile", "KlpCallbacks", "KlpFunc", "KlpObject", "KlpPatch", "KlpState",
-             "Mem", "vsnprintf"}
+             "Mem", "vsnprintf", "module_callsite"}
 __all__ = [name for name in dir() if name not in _INTERNAL
            and (not name.startswith("_") or name.startswith("__ATTR") or name == "__set_current_state")]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from klpfs.kernel.kallsyms import FuncDef, KSym
 from klpfs.kernel.module import MODULE_NAME_LEN, Module
 from klpfs.kernel.printk import KERN_WARNING
+from klpfs.modules.pydebug import scan_callsites
 
 if TYPE_CHECKING:
     from klpfs.profiles import Profile
@@ -128,6 +129,13 @@ class _Transform(ast.NodeTransformer):
         self.func.pop()
         return node
 
+    def visit_ClassDef(self, node: ast.ClassDef) -> Any:
+        """A class (a struct with helpers) is not a function: its methods are not symbols."""
+        self.func.append(node.name)
+        self.generic_visit(node)
+        self.func.pop()
+        return node
+
     def visit_Name(self, node: ast.Name) -> Any:
         if node.id == "__func__" and self.func:
             return ast.copy_location(ast.Constant(self.func[-1]), node)
@@ -139,7 +147,11 @@ class _Transform(ast.NodeTransformer):
             self.generic_visit(node)
             return node
         body = node.body if decided else node.orelse
-        kept = [self.visit(stmt) for stmt in body]
+        kept: list[ast.stmt] = []
+        for stmt in body:
+            # A nested #if comes back as a list of its kept statements.
+            new = self.visit(stmt)
+            kept.extend(new if isinstance(new, list) else [new])
         return kept or ast.copy_location(ast.Pass(), node)
 
     def _version_test(self, test: ast.expr) -> bool | None:
@@ -175,6 +187,20 @@ def _names_used(tree: ast.Module) -> set[str]:
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
+def _arities(tree: ast.Module) -> dict[str, set[int | None]]:
+    """For each name, the argument counts of the calls to it, None for any other use
+    (which form of an API whose signature changed the module was written for)."""
+    called: dict[int, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called[id(node.func)] = len(node.args) + len(node.keywords)
+    arities: dict[str, set[int | None]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            arities.setdefault(node.id, set()).add(called.get(id(node)))
+    return arities
+
+
 def build_pymodule(path: str | Path, text: str, system: System) -> Module:
     """Build the module from its source for the running profile: check,
     run its top level, and return the Module ready for the loader.
@@ -193,11 +219,12 @@ def build_pymodule(path: str | Path, text: str, system: System) -> Module:
     except ValueError as e:
         raise PyModuleError(f"{filename}: {e}") from None
     tree = ast.fix_missing_locations(_Transform(profile_version_code(system.profile)).visit(tree))
-    refusal = kapi.check_symbols(_names_used(tree), system.profile, name)
+    refusal = kapi.check_symbols(_names_used(tree), system.profile, name, _arities(tree))
     code = compile(tree, filename, "exec")
 
     kernel = system.kernel
     mod = Module(name, livepatch=False)
+    mod.dyndbg = scan_callsites(tree, name, filename)
     funcs = {fname: KFunc(fname, mod, kernel) for fname, _, _ in _functions(tree)}
     ctx = kapi.ModuleContext(system, mod, filename, funcs)
     ns: dict[str, Any] = {"__name__": f"klpfs.modules.loaded.{name}", "__file__": filename,

@@ -482,3 +482,31 @@ async def test_proc_entry_of_a_module(m61: Machine, autojump_clock) -> None:
     assert m.kernfs.read(node, 0, 4096) == b"t_target: original output\n"
     assert (await m.rmmod_ctl("t_target"))["ok"]
     assert m.node("proc/t_target") is None
+
+
+async def test_a_class_is_a_struct_not_functions(m61: Machine, autojump_clock) -> None:
+    """A class's methods are not kernel symbols; only top-level defs are."""
+    m = m61
+    text = source('''
+        class counter:
+            def __init__(self):
+                self.n = 0
+
+            def bump(self):
+                self.n += 1
+                return self.n
+
+
+        c = counter()
+
+
+        def cls_init():
+            pr_info("%s: %d %d\\n", __func__, c.bump(), c.bump())
+            return 0
+
+
+        module_init(cls_init)
+    ''')
+    assert (await m.insmod_text("cls.py", text))["ok"]
+    assert m.take() == ["cls: cls_init: 1 2"]
+    assert [s.name for s in m.kernel.kallsyms.symbols("cls")] == ["cls_init"]
