@@ -1074,8 +1074,9 @@ def klp_shadow_free_all(id: int, dtor: Any = None) -> None:
     _ctx().system.livepatch.shadow.klp_shadow_free_all(id, dtor)
 
 
-_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL", "annotations", "sys", "Callable",
-             "TYPE_CHECKING", "Any", "PrintfError", "code_location", "PARAM_TYPES", "ParamSpec", "KSym", "Module",
+_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL",
+             "annotations", "sys", "Callable", "TYPE_CHECKING", "Any", "PrintfError", "code_location", "PARAM_TYPES",
+             "ParamSpec", "KSym", "Module",
              "ModuleState", "Task", "SeqFile", "KlpCallbacks", "KlpFunc", "KlpObject", "KlpPatch", "KlpState",
              "Mem", "vsnprintf", "module_callsite"}
 __all__ = [name for name in dir() if name not in _INTERNAL

@@ -88,6 +88,13 @@ class Profile:
     """A module named vmlinux is refused by the livepatch coming hook (5.8 on)."""
     module_sig_messages: bool
     """The loader warns about unsigned modules (a distro kernel with CONFIG_MODULE_SIG)."""
+    # -- dynamic debug ----------------------------------------------------------------
+    dyndbg: str
+    """The lib/dynamic_debug.c the control file behaves as (klpfs.kernel.dyndbg_query.GENERATIONS):
+    "4.15" (formats shown with octal escapes, no `file foo.c:func`), "6.1", "6.12" (the `s` flag)."""
+    livepatch_sources: str
+    """The kernel/livepatch sources whose pr_debug() line numbers and functions the control
+    file lists (klpfs.livepatch.debug): "4.15", "6.1" or "6.12"."""
 
     @property
     def reenable(self) -> bool:
@@ -107,6 +114,7 @@ LINUX_4_15 = Profile(
     replaced_freed_after_callbacks=False,
     sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
     ftrace_permanent=False, shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
+    dyndbg="4.15", livepatch_sources="4.15",
 )
 
 LINUX_4_16 = LINUX_4_15.derive(
@@ -118,6 +126,9 @@ LINUX_5_1 = LINUX_4_16.derive(
     "5.1", "5.1.20-300.fc30.x86_64",
     register_api=False, stacking_rule=False, atomic_replace=True, no_reliable_stack=EOPNOTSUPP,
     name_limits=True, sysfs_signal=False, force_marks=FORCE_LISTED, auto_signals=True, shadow_ctor_dtor=True,
+    # 5.1's own transition.c is not at hand: its callsites are listed as 6.1's (5.1 still
+    # prints the per-task lines through one `pr_debug("%s", err_buf)`, at other lines).
+    livepatch_sources="6.1",
 )
 
 LINUX_6_1 = LINUX_5_1.derive(
@@ -126,9 +137,13 @@ LINUX_6_1 = LINUX_5_1.derive(
     force_marks=FORCE_REMOVED,
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
+    dyndbg="6.1",
 )
 
-LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True)
+# 6.11's callsites are 6.12's: its transition.c already has the cond_resched()
+# switching (6.4) that moved them from where 6.1 has them.
+LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True,
+                              dyndbg="6.12", livepatch_sources="6.12")
 
 LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True)
 

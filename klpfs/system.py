@@ -1,17 +1,20 @@
 """One emulated machine: the kernel, livepatch, and the tree that is mounted.
 
-The tree's root holds `sys/` (kernel/livepatch, module) and `proc/`.  The
-control server and the FUSE layer both work on this object, from the one
-trio thread that owns it.
+The tree's root holds `sys/` (kernel/livepatch, kernel/debug, module),
+`proc/` and `dev/kmsg`.  The control server and the FUSE layer both work on
+this object, from the one trio thread that owns it.
 """
 
 from __future__ import annotations
 
+from klpfs.fs.kmsg import KMSG_SIZE, Kmsg
 from klpfs.fs.procfs import ProcFs
+from klpfs.kernel.dyndbg_query import GENERATIONS
 from klpfs.kernel.kernel import Kernel
 from klpfs.livepatch.core import Livepatch
 from klpfs.modules.program import Structures
 from klpfs.profiles import get_profile
+from klpfs.sysfs.debugfs import debugfs_mount, dynamic_debug_init_control
 from klpfs.sysfs.kernfs import Kernfs
 from klpfs.sysfs.module import ModuleSysfs
 
@@ -23,6 +26,7 @@ class System:
         self.profile = get_profile(kernel_version)
         self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages,
                              speed=speed)
+        self.kernel.dyndbg.features = GENERATIONS[self.profile.dyndbg]
         self.kernfs = Kernfs()
         root = self.kernfs.root
         sys_dir = self.kernfs.create_dir(root, "sys")
@@ -33,7 +37,13 @@ class System:
                                         self.kernel.modules)
         self.structures = Structures()
         """What loaded module code allocates (module files' `new`/`for_each`)."""
-        self.procfs = ProcFs(self.kernfs, self.kernfs.create_dir(root, "proc", 0o555), self.kernel)
+        proc = self.kernfs.create_dir(root, "proc", 0o555)
+        self.procfs = ProcFs(self.kernfs, proc, self.kernel)
+        dynamic_debug_init_control(self.kernfs, debugfs_mount(self.kernfs, self.kernel_kobj), proc,
+                                   self.kernel.dyndbg)
+        self.kmsg = Kmsg(self.kernel.log, self.kernel.now)
+        self.kernfs.create_file(self.kernfs.create_dir(root, "dev"), "kmsg", 0o644, size=KMSG_SIZE,
+                                fops=self.kmsg)
 
     async def run(self) -> None:
         """Run the kernel's background work (timers, the transition retry) until cancelled."""

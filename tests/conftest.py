@@ -16,6 +16,7 @@ import pytest
 import trio
 from fusemount import KLPFS, Mount, require_fuse
 
+from klpfs.livepatch.debug import set_livepatch_debug
 from klpfs.system import System
 
 
@@ -29,7 +30,7 @@ async def system(request: pytest.FixtureRequest) -> AsyncIterator[System]:
     """
     async with trio.open_nursery() as nursery:
         machine = System(request.param)
-        machine.kernel.log.debug_enabled = True
+        set_livepatch_debug(machine.kernel.dyndbg, True)
         nursery.start_soon(machine.run)
         yield machine
         nursery.cancel_scope.cancel()

@@ -28,10 +28,12 @@ EXAMPLES = {
     "dmesg": """examples:
   klpfs dmesg
   klpfs dmesg --level err,warn
-  klpfs dmesg -w            # follow new messages until interrupted""",
+  klpfs dmesg -w            # follow new messages until interrupted
+  klpfs dmesg -C            # set the clear point, as dmesg -C does on a real kernel""",
     "debug": """examples:
-  klpfs debug on            # show pr_debug lines (the per-task transition messages)
-  klpfs debug               # print the current setting""",
+  klpfs debug on            # show pr_debug lines (the per-task transition messages):
+                            # `file kernel/livepatch/* +p` to sys/kernel/debug/dynamic_debug/control
+  klpfs debug               # on if any livepatch pr_debug callsite prints""",
     "ps": "example:\n  klpfs ps",
     "task": """examples:
   klpfs task add worker --kthread                    # prints the new pid
@@ -73,6 +75,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub("dmesg", "print the emulated kernel's log")
     p.add_argument("-l", "--level", help="only these levels, comma-separated: " + ",".join(LEVEL_NAMES))
     p.add_argument("-w", "--follow", action="store_true", help="wait for new messages")
+    p.add_argument("-C", "--clear", action="store_true",
+                   help="set the clear point (dmesg -C): /dev/kmsg's SEEK_DATA and the dmesg of "
+                        "`klpfs run` start after it; this command keeps showing the whole log")
     p.set_defaults(func=cmd_dmesg)
 
     p = sub("debug", "show or switch pr_debug messages (dynamic debug for livepatch)")
@@ -187,6 +192,9 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
         if unknown:
             print(f"dmesg: unknown level '{sorted(unknown)[0]}'", file=sys.stderr)
             return 1
+    if args.clear:
+        _checked(request(args.mount, "clear"))
+        return 0
     if args.follow:
         replies = stream(args.mount, "dmesg", follow=True)
     else:

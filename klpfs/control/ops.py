@@ -20,6 +20,7 @@ from klpfs.modules.pymodule import PyModuleError, build_pymodule
 from klpfs.modules.program import IfPrevState, ShadowAlloc, ShadowFree
 from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, Module
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
+from klpfs.livepatch.debug import livepatch_debug, set_livepatch_debug
 from klpfs.kernel.sched import (
     IDLE_REST_FRAMES, KTHREAD_BASE, REST_FRAMES, SLEEP_FRAMES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
 from klpfs.system import System
@@ -45,7 +46,10 @@ class Failure(Exception):
 
 
 def record_dict(record: LogRecord) -> Reply:
-    return {"seq": record.seq, "level": LEVEL_NAMES[record.level], "time": record.timestamp, "text": record.text}
+    """A record for the CLI; bytes a /dev/kmsg write left undecodable show as \\xNN."""
+    text = record.text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return {"seq": record.seq, "level": LEVEL_NAMES[record.level], "facility": record.facility,
+            "time": record.timestamp, "text": text}
 
 
 class Control:
@@ -128,13 +132,22 @@ class Control:
 
     # -- the log ----------------------------------------------------------------------
 
-    def dmesg(self) -> Reply:
-        return ok(records=[record_dict(r) for r in self.kernel.log.records])
+    def dmesg(self, since_clear: bool = False) -> Reply:
+        """The ring; since_clear: only what came after the last `clear`, as util-linux dmesg reads it."""
+        log = self.kernel.log
+        start = log.clear_seq if since_clear else 0
+        return ok(records=[record_dict(r) for r in log.records if r.seq >= start])
+
+    def clear(self) -> Reply:
+        """syslog(SYSLOG_ACTION_CLEAR), as `dmesg -C` does."""
+        self.kernel.log.clear()
+        return ok()
 
     def debug(self, enable: bool | None) -> Reply:
+        """`file kernel/livepatch/* +p` (or -p) to dynamic debug; whether any livepatch callsite prints."""
         if enable is not None:
-            self.kernel.log.debug_enabled = enable
-        return ok(enabled=self.kernel.log.debug_enabled)
+            set_livepatch_debug(self.kernel.dyndbg, enable)
+        return ok(enabled=livepatch_debug(self.kernel.dyndbg))
 
     # -- tasks ------------------------------------------------------------------------
 
@@ -235,5 +248,5 @@ class Control:
         return reply
 
 
-COMMANDS = {"insmod", "rmmod", "lsmod", "dmesg", "debug", "ps", "task_add", "task_sleep", "task_wake",
-            "task_run", "task_exit", "call", "status"}
+COMMANDS = {"insmod", "rmmod", "lsmod", "dmesg", "clear", "debug", "ps", "task_add", "task_sleep",
+            "task_wake", "task_run", "task_exit", "call", "status"}

@@ -4,8 +4,10 @@ In a private mount namespace: a daemon mounts the emulator on a scratch
 directory; /sys/kernel becomes a tmpfs holding the host's entries (bound
 back) plus the emulated `livepatch`; /sys/module likewise gets the emulated
 modules' directories as they load; shims for insmod, rmmod, modprobe, lsmod,
-modinfo and dmesg go first on PATH.  Then COMMAND runs, and everything is
-torn down with the namespace.  The host's mount table is never touched.
+modinfo and dmesg go first on PATH; /dev/kmsg is the emulated log's (for
+`echo ... > /dev/kmsg` and util-linux dmesg).  Then COMMAND runs, and
+everything is torn down with the namespace.  The host's mount table is
+never touched.
 """
 
 from __future__ import annotations
@@ -110,11 +112,13 @@ def _write_shims(bindir: Path) -> None:
 
 
 def _expose(state: RunState, release: str) -> None:
-    """/sys/kernel/livepatch, /sys/module/<emulated>, the kernel's /proc files and
-    /lib/modules/<release> at their real paths."""
-    namespace.overlay_dir(Path("/sys/kernel"), state.workdir / "host-kernel", skip={"livepatch"})
-    os.mkdir("/sys/kernel/livepatch")
-    namespace.bind(state.mountpoint / "sys/kernel/livepatch", "/sys/kernel/livepatch")
+    """/sys/kernel/livepatch, /sys/kernel/debug (the emulated debugfs: dynamic
+    debug's control file, in place of the host's), /sys/module/<emulated>, the
+    kernel's /proc files and /lib/modules/<release> at their real paths."""
+    namespace.overlay_dir(Path("/sys/kernel"), state.workdir / "host-kernel", skip={"livepatch", "debug"})
+    for name in ("livepatch", "debug"):
+        os.mkdir(f"/sys/kernel/{name}")
+        namespace.bind(state.mountpoint / "sys/kernel" / name, f"/sys/kernel/{name}")
     namespace.overlay_dir(Path("/sys/module"), state.workdir / "host-module", skip=set())
     state.sync_modules()
     for name in PROC_FILES:
@@ -122,6 +126,8 @@ def _expose(state: RunState, release: str) -> None:
         # without CONFIG_MODULES) stays missing.
         if (Path("/proc") / name).exists():
             namespace.bind(state.mountpoint / "proc" / name, Path("/proc") / name)
+    if os.path.exists("/dev/kmsg"):  # /dev is the host's: nothing can be created there to bind onto
+        namespace.bind(state.mountpoint / "dev/kmsg", "/dev/kmsg")
     _expose_release(state, release)
 
 
@@ -175,7 +181,7 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     finally:
         for name in PROC_FILES:
             namespace.detach(Path("/proc") / name)
-        for target in ("/sys/kernel", "/sys/module", str(Path("/lib/modules").resolve()),
+        for target in ("/sys/kernel", "/sys/module", "/dev/kmsg", str(Path("/lib/modules").resolve()),
                        str(Path("/lib/modules").resolve().parent)):
             namespace.detach(target)
         daemon.stop()

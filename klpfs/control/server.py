@@ -51,8 +51,9 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any] | None:
     return request if isinstance(request, dict) else None
 
 
-async def _follow(control: Control, stream: trio.SocketStream) -> None:
-    """dmesg -w: the records so far, then each new one, until the client hangs up."""
+async def _follow(control: Control, stream: trio.SocketStream, since_clear: bool = False) -> None:
+    """dmesg -w: the records so far (since the last clear, if asked), then each new one,
+    until the client hangs up."""
     send, receive = trio.open_memory_channel[LogRecord](1024)
 
     def listener(record: LogRecord) -> None:
@@ -61,7 +62,8 @@ async def _follow(control: Control, stream: trio.SocketStream) -> None:
         except trio.WouldBlock:
             pass
     printk = control.kernel.log
-    for record in list(printk.records):
+    start = printk.clear_seq if since_clear else 0
+    for record in [r for r in printk.records if r.seq >= start]:
         await _send(stream, record_dict(record))
     printk.listeners.append(listener)
     try:
@@ -86,7 +88,7 @@ async def _serve_one(control: Control, stream: trio.SocketStream) -> None:
         if request is None:
             await _send(stream, fail(22, "malformed request"))
         elif request.get("cmd") == "dmesg" and request.get("follow"):
-            await _follow(control, stream)
+            await _follow(control, stream, bool(request.get("since_clear")))
         else:
             request.pop("follow", None)
             await _send(stream, await control.handle(request))

@@ -273,16 +273,28 @@ def dmesg(argv: list[str]) -> int:
     parser.add_argument("-w", "--follow", action="store_true")
     parser.add_argument("-l", "--level")
     parser.add_argument("-k", "--kernel", action="store_true")
+    parser.add_argument("-u", "--userspace", action="store_true")
     parser.add_argument("-t", "--notime", action="store_true")
+    parser.add_argument("-C", "--clear", action="store_true")
+    parser.add_argument("-c", "--read-clear", action="store_true")
     args = parser.parse_args(argv)
     levels = None if args.level is None else set(args.level.split(","))
     if levels is not None and not levels <= set(LEVEL_NAMES):
         print(f"dmesg: unknown level '{sorted(levels - set(LEVEL_NAMES))[0]}'", file=sys.stderr)
         return 1
-    records = stream(None, "dmesg", follow=True) if args.follow else iter(request(None, "dmesg")["records"])
+    if args.clear:
+        request(None, "clear")
+        return 0
+    # util-linux dmesg reads /dev/kmsg from SEEK_DATA: what came after the last clear.
+    records = (stream(None, "dmesg", follow=True, since_clear=True) if args.follow
+               else iter(request(None, "dmesg", since_clear=True)["records"]))
     for record in records:
-        if levels is None or record["level"] in levels:
+        from_kernel = record["facility"] == 0  # -k and -u: kernel or userspace messages only
+        if ((levels is None or record["level"] in levels)
+                and (args.kernel == args.userspace or from_kernel == args.kernel)):
             print(record["text"] if args.notime else format_record(record), flush=args.follow)
+    if args.read_clear:
+        request(None, "clear")
     return 0
 
 

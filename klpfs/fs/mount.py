@@ -198,6 +198,7 @@ async def _serve_mounted(operations: KernfsOperations, signals: trio.abc.Receive
                 by_signal = True
                 break
             invalidation.cancel_scope.cancel()  # finishes a delivery while FUSE still serves
+        operations.shutdown()  # a read waiting for a record would hold the loop
         pyfuse3.terminate()
     return by_signal
 

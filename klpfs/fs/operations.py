@@ -14,7 +14,9 @@ What a process sees must be what it would see under /sys:
   from that snapshot;
 * a handle opened before its node was removed answers ENODEV;
 * chmod, chown, utime and truncate are accepted as sysfs accepts them
-  (a truncate changes nothing); creating anything is refused as sysfs does.
+  (a truncate changes nothing); creating anything is refused as sysfs does;
+* a node with file operations of its own (dev/kmsg, see kmsg.py) skips
+  the attribute rules: its open, read, write, poll and release decide.
 
 The kernel may cache entries and attributes for a day: `Invalidator` pushes
 every removal to it, and a stat of a removed inode answers ESTALE, which
@@ -32,12 +34,14 @@ import bisect
 import errno
 import logging
 import os
+import select
 import stat
 import time
+from typing import TypeVar
 
 import pyfuse3
 
-from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode
+from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode, OpenFile
 
 from .invalidate import FuseNotifier, Invalidator
 
@@ -51,6 +55,18 @@ _ACCESS = ((True, False), (False, True), (True, True), (False, False))
 
 _DOT, _DOTDOT = 1, 2
 """Directory offsets after "." and ".."; a child's is its inode number + 2."""
+
+_DEFAULT_POLLMASK = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+"""DEFAULT_POLLMASK: what the kernel answers for a file system without poll."""
+
+_T = TypeVar("_T")
+
+
+def _checked(result: _T | int) -> _T:
+    """A node's own file operation's result, a negative errno raised as FUSEError."""
+    if isinstance(result, int) and result < 0:
+        raise pyfuse3.FUSEError(-result)
+    return result  # type: ignore[return-value]
 
 
 def _answer(exc: Exception, op: str, arg: object) -> pyfuse3.FUSEError:
@@ -67,15 +83,18 @@ class _Handle:
 
     ``data`` is, for a file, the bytes of the last show() (the seq_file
     buffer); for a directory, the children listed since the last rewind,
-    in inode order, with their inode numbers for resuming.
+    in inode order, with their inode numbers for resuming.  ``file`` is the
+    open file of a node with its own file operations (dev/kmsg), which
+    then answers reads, writes and polls itself.
     """
 
-    __slots__ = ("node", "data", "inos")
+    __slots__ = ("node", "data", "inos", "file")
 
-    def __init__(self, node: KernfsNode) -> None:
+    def __init__(self, node: KernfsNode, file: OpenFile | None = None) -> None:
         self.node = node
         self.data: bytes | list[KernfsNode] | None = None
         self.inos: list[int] = []
+        self.file = file
 
 
 class KernfsOperations(pyfuse3.Operations):
@@ -100,6 +119,16 @@ class KernfsOperations(pyfuse3.Operations):
     def close(self) -> None:
         """Stop following the tree."""
         self.kernfs.listeners.remove(self)
+
+    def shutdown(self) -> None:
+        """The mount is going away: reads waiting in open files (dev/kmsg) end, so
+        the FUSE loop can stop (it waits for every request it has taken)."""
+        for handle in list(self._handles.values()):
+            if handle.file is not None:
+                try:
+                    handle.file.shutdown()
+                except Exception:
+                    log.exception("shutting down %r", handle.node)
 
     # -- following the tree (called from inside engine operations) ----------
 
@@ -136,6 +165,8 @@ class KernfsOperations(pyfuse3.Operations):
         attrs.st_ino = node.ino
         attrs.st_mode = node.mode
         attrs.entry_timeout = attrs.attr_timeout = CACHE_TIMEOUT
+        if node.fops is not None:
+            attrs.attr_timeout = 0  # the kernel asks every time: its getattr tells of seeks
         attrs.st_size = node.size
         if node.children is not None:
             attrs.st_nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
@@ -157,9 +188,9 @@ class KernfsOperations(pyfuse3.Operations):
         # The kernel still had the dentry cached: ESTALE makes it look again.
         raise pyfuse3.FUSEError(errno.ESTALE)
 
-    def _open(self, node: KernfsNode) -> int:
+    def _open(self, node: KernfsNode, file: OpenFile | None = None) -> int:
         self._next_fh += 1
-        self._handles[self._next_fh] = _Handle(node)
+        self._handles[self._next_fh] = _Handle(node, file)
         return self._next_fh
 
     # -- handlers -------------------------------------------------------------
@@ -184,6 +215,9 @@ class KernfsOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: object) -> pyfuse3.EntryAttributes:
         try:
             attrs = self._attrs.get(inode)
+            node = self.kernfs.get(inode)
+            if node is not None and node.fops is not None:
+                node.fops.getattr(getattr(ctx, "pid", 0))
             return attrs if attrs is not None else self._attr(self._inode(inode))
         except Exception as exc:
             raise _answer(exc, "getattr", inode) from None
@@ -228,6 +262,10 @@ class KernfsOperations(pyfuse3.Operations):
             node = self.kernfs.get(inode)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ENODEV)  # removed after the lookup
+            if node.fops is not None:
+                file = _checked(node.fops.open(flags, getattr(ctx, "pid", 0)))
+                self._fileinfo.fh = self._open(node, file)
+                return self._fileinfo
             want_read, want_write = _ACCESS[flags & os.O_ACCMODE]
             err = Kernfs.open_check(node, want_read, want_write)
             if err:
@@ -243,9 +281,11 @@ class KernfsOperations(pyfuse3.Operations):
             if self.invalidator.pending:
                 await self.invalidator.settle()
             handle = self._handles[fh]
+            if handle.file is not None:
+                return _checked(await handle.file.read(off, size))
             data = handle.data
             if off == 0 or data is None:
-                data = Kernfs.read(handle.node, 0, PAGE_SIZE)
+                data = Kernfs.read(handle.node)
                 if isinstance(data, int):
                     raise pyfuse3.FUSEError(-data)
                 handle.data = data
@@ -258,7 +298,10 @@ class KernfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """sysfs ignores the offset: every write is a whole store."""
         try:
-            result = Kernfs.write(self._handles[fh].node, buf)
+            handle = self._handles[fh]
+            if handle.file is not None:
+                return _checked(handle.file.write(off, buf))
+            result = Kernfs.write(handle.node, buf)
             if self.invalidator.pending:
                 await self.invalidator.settle()
             if result < 0:
@@ -268,7 +311,23 @@ class KernfsOperations(pyfuse3.Operations):
             raise _answer(exc, "write", fh) from None
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.file is not None:
+            try:
+                handle.file.release()
+            except Exception as exc:
+                raise _answer(exc, "release", fh) from None
+
+    async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
+                   ctx: object) -> int:
+        """A node's own poll; every other file is always ready, as without poll support."""
+        try:
+            handle = self._handles.get(fh)
+            if handle is None or handle.file is None:
+                return _DEFAULT_POLLMASK
+            return handle.file.poll(poll_handle)
+        except Exception as exc:
+            raise _answer(exc, "poll", fh) from None
 
     async def opendir(self, inode: int, ctx: object) -> int:
         try:

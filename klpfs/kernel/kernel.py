@@ -11,6 +11,7 @@ import errno
 from dataclasses import dataclass
 
 from klpfs.kernel.code import CodeRunner
+from klpfs.kernel.dyndbg import DynamicDebug
 from klpfs.kernel.ftrace import Ftrace
 from klpfs.kernel.image import Image, load_image
 from klpfs.kernel.kallsyms import Kallsyms, KSym
@@ -46,6 +47,8 @@ class Kernel:
         self.image = image or load_image(release)
         self.timers = Timers(speed)
         self.log = Printk(self.timers.now)
+        self.dyndbg = DynamicDebug(self.printk, lambda: self.current.pid)
+        """pr_debug() callsites; System sets the profile's DdebugFeatures."""
         self.kallsyms = Kallsyms()
         self.kallsyms.add_object(None, self.image.functions)
         self.ftrace = Ftrace(self._ftrace_location)
@@ -54,10 +57,12 @@ class Kernel:
         self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages,
                                     lambda fn, *args: self.code.guarded(fn, *args, fallback=-errno.EFAULT),
                                     self.code.start)
+        self.modules.notifiers.append(self.dyndbg.module_notify)
         self.sched.task_notifiers.append(self._task_event)
         self.kthreads = Kthreads(self)
         self.heap = Heap()
         self._boot_tasks()
+        self.log.caller_id = lambda: self.current.pid
 
     def printk(self, level: int, text: str) -> None:
         self.log.printk(level, text)

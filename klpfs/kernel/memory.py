@@ -33,12 +33,13 @@ def addr_of(value: object) -> int:
 
 class Mem:
     """A kmalloc'd block: its address and size, and whatever fields the code
-    stores in it (`d.jiffies_expire = ...`, or `value` for a plain `int *`)."""
+    stores in it (`d.jiffies_expire = ...`, or `value` for a plain `int *`).
+    Zeroed, `value` reads 0 (`*p += 1` on a fresh block counts from 0)."""
 
     def __init__(self, addr: int, size: int):
         self.addr = addr
         self.size = size
-        self.value: Any = None
+        self.value: Any = 0
 
     def __repr__(self) -> str:
         return f"<Mem {self.addr:#x} size {self.size}>"

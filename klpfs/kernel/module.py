@@ -22,6 +22,7 @@ from klpfs.kernel.printk import KERN_ERR, KERN_NOTICE, KERN_WARNING
 
 if TYPE_CHECKING:
     from klpfs.kernel.code import Run
+    from klpfs.kernel.dyndbg import Ddebug
     from klpfs.kernel.kallsyms import FuncDef, Kallsyms, KSym
     from klpfs.kernel.sched import Task
 
@@ -90,6 +91,8 @@ class Module:
     """Undo what the module's code created through the kernel API, when it is freed."""
     data: dict[str, object] = field(default_factory=dict)
     """Whatever the module's own code keeps (its klp_patch, its tasks)."""
+    dyndbg: list[Ddebug] = field(default_factory=list)
+    """Its pr_debug() callsites (the __dyndbg section), registered while it is loaded."""
 
 
 class ModuleLoader:

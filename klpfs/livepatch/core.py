@@ -20,6 +20,7 @@ from klpfs.kernel.sched import TIF_PATCH_PENDING
 from klpfs.kernel.timers import DelayedWork
 from klpfs.livepatch.callbacks import (
     klp_post_patch_callback, klp_post_unpatch_callback, klp_pre_patch_callback, klp_pre_unpatch_callback)
+from klpfs.livepatch.debug import livepatch_callsites, register_livepatch_callsites
 from klpfs.livepatch.patch import klp_patch_object, klp_unpatch_func, klp_unpatch_object, klp_unpatch_objects
 from klpfs.livepatch.shadow import KlpShadow
 from klpfs.livepatch.structs import (
@@ -59,6 +60,9 @@ class Livepatch:
         self.klp_signals_cnt = 0
         self.shadow = KlpShadow(kernel)
         self.klp_transition_work = DelayedWork(kernel.timers, lambda: klp_transition_work_fn(self))
+        self.debug_sites = livepatch_callsites(profile.livepatch_sources)
+        """The core's pr_debug() callsites, by what they print (klpfs.livepatch.debug)."""
+        register_livepatch_callsites(kernel.dyndbg, self.debug_sites)
         # klp_init: /sys/kernel/livepatch, then the places the kernel calls us.
         self.klp_root_kobj = kernfs.create_dir(kernel_kobj, "livepatch")
         kernel.modules.klp_coming = self.klp_module_coming
@@ -70,6 +74,10 @@ class Livepatch:
     def pr(self, level: int, text: str) -> None:
         """pr_*() with this subsystem's pr_fmt prefix."""
         self.kernel.printk(level, f"livepatch: {text}")
+
+    def pr_debug(self, site: str, text: str) -> None:
+        """pr_debug() through the core's callsite `site`: printed only while it has `p`."""
+        self.kernel.dyndbg.pr_debug(self.debug_sites[site], f"livepatch: {text}")
 
     def immediate(self, patch: KlpPatch) -> bool:
         """patch->immediate, which exists only where the profile has it (4.15, §4.1)."""

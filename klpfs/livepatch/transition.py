@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from klpfs.kernel.printk import KERN_DEBUG, KERN_NOTICE, KERN_WARNING
+from klpfs.kernel.printk import KERN_NOTICE, KERN_WARNING
 from klpfs.kernel.sched import TIF_PATCH_PENDING, TaskKind
 from klpfs.kernel.timers import round_jiffies_relative
 from klpfs.livepatch.callbacks import klp_post_patch_callback, klp_post_unpatch_callback
+from klpfs.livepatch.debug import CANCEL, COMPLETE, INIT, REVERSE, RUNNING, SLEEPING, UNRELIABLE
 from klpfs.livepatch.patch import klp_find_ops, klp_unpatch_objects
 from klpfs.livepatch.structs import (
     KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, MAX_STACK_ENTRIES, STACK_ERR_BUF_SIZE, KlpFunc, KlpPatch,
@@ -38,7 +39,7 @@ def klp_complete_transition(lp: Livepatch) -> None:
     patch = lp.klp_transition_patch
     assert patch is not None
     target = lp.klp_target_state
-    lp.pr(KERN_DEBUG, f"'{patch.name}': completing {_direction(target)} transition")
+    lp.pr_debug(COMPLETE, f"'{patch.name}': completing {_direction(target)} transition")
     if patch.replace and target == KLP_PATCHED:
         lp.klp_unpatch_replaced_patches(patch)
         if not lp.profile.replaced_freed_after_callbacks:
@@ -79,7 +80,7 @@ def klp_cancel_transition(lp: Livepatch) -> None:
         return
     patch = lp.klp_transition_patch
     assert patch is not None
-    lp.pr(KERN_DEBUG, f"'{patch.name}': canceling patching transition, going to unpatch")
+    lp.pr_debug(CANCEL, f"'{patch.name}': canceling patching transition, going to unpatch")
     lp.klp_target_state = KLP_UNPATCHED
     klp_complete_transition(lp)
 
@@ -110,12 +111,12 @@ def _check_stack_func(lp: Livepatch, func: KlpFunc, trace: list[int]) -> bool:
     return any(start <= address < start + size for address in trace)
 
 
-def klp_check_stack(lp: Livepatch, task: Task) -> str | None:
-    """None if the task may switch, else the reason, as the debug line words it."""
+def klp_check_stack(lp: Livepatch, task: Task) -> tuple[str, str] | None:
+    """None if the task may switch, else the debug callsite and line that say why."""
     where = "klp_try_switch_task" if lp.profile.stack_check_in_try_switch else "klp_check_stack"
     trace = lp.kernel.sched.stack_trace_reliable(task, MAX_STACK_ENTRIES)
     if trace is None:
-        return f"{where}: {task.comm}:{task.pid} has an unreliable stack"
+        return UNRELIABLE, f"{where}: {task.comm}:{task.pid} has an unreliable stack"
     patch = lp.klp_transition_patch
     assert patch is not None
     for obj in patch.objs or ():
@@ -123,7 +124,7 @@ def klp_check_stack(lp: Livepatch, task: Task) -> str | None:
             continue
         for func in obj.funcs or ():
             if _check_stack_func(lp, func, trace):
-                return f"{where}: {task.comm}:{task.pid} is sleeping on function {func.old_name}"
+                return SLEEPING, f"{where}: {task.comm}:{task.pid} is sleeping on function {func.old_name}"
     return None
 
 
@@ -133,7 +134,7 @@ def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
     if not lp.reliable_stacks:
         return False
     if lp.kernel.sched.task_curr(task):
-        lp.pr(KERN_DEBUG, f"klp_try_switch_task: {task.comm}:{task.pid} is running"[: STACK_ERR_BUF_SIZE - 1])
+        lp.pr_debug(RUNNING, f"klp_try_switch_task: {task.comm}:{task.pid} is running"[: STACK_ERR_BUF_SIZE - 1])
         return False
     return _switch_after_stack_check(lp, task)
 
@@ -141,7 +142,8 @@ def klp_try_switch_task(lp: Livepatch, task: Task) -> bool:
 def _switch_after_stack_check(lp: Livepatch, task: Task) -> bool:
     err = klp_check_stack(lp, task)
     if err is not None:
-        lp.pr(KERN_DEBUG, err[: STACK_ERR_BUF_SIZE - 1])
+        site, text = err
+        lp.pr_debug(site, text[: STACK_ERR_BUF_SIZE - 1])
         return False
     task.flags.discard(TIF_PATCH_PENDING)
     task.patch_state = lp.klp_target_state
@@ -208,7 +210,7 @@ def klp_init_transition(lp: Livepatch, patch: KlpPatch, state: int) -> None:
     """Every task to the initial state, every func of the patch in transition (§8.2)."""
     lp.klp_transition_patch = patch
     lp.klp_target_state = state
-    lp.pr(KERN_DEBUG, f"'{patch.name}': initializing {_direction(state)} transition")
+    lp.pr_debug(INIT, f"'{patch.name}': initializing {_direction(state)} transition")
     if lp.immediate(patch):
         return
     initial_state = KLP_UNPATCHED if state == KLP_PATCHED else KLP_PATCHED
@@ -222,8 +224,8 @@ def klp_reverse_transition(lp: Livepatch) -> None:
     """Turn the running transition round; the retry work completes it (§8.9)."""
     patch = lp.klp_transition_patch
     assert patch is not None
-    lp.pr(KERN_DEBUG, f"'{patch.name}': reversing transition from "
-          + ("patching to unpatching" if lp.klp_target_state == KLP_PATCHED else "unpatching to patching"))
+    lp.pr_debug(REVERSE, f"'{patch.name}': reversing transition from "
+                + ("patching to unpatching" if lp.klp_target_state == KLP_PATCHED else "unpatching to patching"))
     patch.enabled = not patch.enabled
     lp.klp_target_state = KLP_UNPATCHED if lp.klp_target_state == KLP_PATCHED else KLP_PATCHED
     for task in lp.kernel.sched.all_tasks():

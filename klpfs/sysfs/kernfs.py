@@ -7,6 +7,8 @@ livepatch code only supplies show/store callbacks (spec §2.2):
   reading when it has no read bit, is EACCES even for root (kernfs_fop_open);
 * a 0-byte write never reaches the store callback; a longer one is cut to
   PAGE_SIZE and the callback sees the bytes as written;
+* a read shows at most a page less one byte, except a seq_file's (a debugfs
+  or proc file whose show walks a list: dynamic_debug/control), shown whole;
 * a removed node is dead for handles opened earlier (ENODEV, the kernfs
   "active reference" is gone) and invisible to new lookups (ENOENT).
 
@@ -20,7 +22,7 @@ import errno
 import stat
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 PAGE_SIZE = 4096
 ROOT_INO = 1
@@ -28,6 +30,32 @@ ROOT_INO = 1
 Show = Callable[[], str]
 Store = Callable[[bytes], int]
 """A store callback returns the byte count it consumed or a negative errno."""
+
+
+class OpenFile(Protocol):
+    """One open of a node with its own file operations; errors are negative errnos."""
+
+    async def read(self, offset: int, size: int) -> bytes | int: ...
+
+    def write(self, offset: int, data: bytes) -> int: ...
+
+    def poll(self, handle: Any) -> int: ...
+
+    def release(self) -> None: ...
+
+    def shutdown(self) -> None:
+        """The mount is going away: end any read waiting here, now and later."""
+
+
+class FileOps(Protocol):
+    """A node's own file operations, used instead of show/store and the attribute
+    rules (a character device's file_operations: /dev/kmsg)."""
+
+    def open(self, flags: int, pid: int) -> OpenFile | int: ...
+
+    def getattr(self, pid: int) -> None:
+        """Process pid made the kernel ask for the node's attributes (stat, and
+        lseek SEEK_END or SEEK_DATA): they are never cached for such a node."""
 
 
 class KernfsListener(Protocol):
@@ -41,7 +69,8 @@ class KernfsListener(Protocol):
 class KernfsNode:
     """One directory or attribute; an attribute has show and/or store."""
 
-    __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime", "size")
+    __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime", "size",
+                 "fops", "seq")
 
     def __init__(self, name: str, mode: int, parent: KernfsNode | None, ino: int,
                  show: Show | None = None, store: Store | None = None, ctime: float = 0.0):
@@ -56,6 +85,9 @@ class KernfsNode:
         self.ctime = ctime
         self.size = PAGE_SIZE if self.children is None else 0
         """What stat reports: sysfs attributes claim a page, directories and proc files 0."""
+        self.fops: FileOps | None = None
+        self.seq = False
+        """show() is a seq_file's: what it prints is not limited to a page."""
 
     @property
     def is_dir(self) -> bool:
@@ -114,9 +146,13 @@ class Kernfs:
         return self._add(parent, KernfsNode(name, stat.S_IFDIR | mode, parent, 0))
 
     def create_file(self, parent: KernfsNode, name: str, mode: int,
-                    show: Show | None = None, store: Store | None = None, size: int = PAGE_SIZE) -> KernfsNode:
+                    show: Show | None = None, store: Store | None = None, size: int = PAGE_SIZE,
+                    fops: FileOps | None = None, seq: bool = False) -> KernfsNode:
+        """`seq`: show() is a seq_file's, read whole however long."""
         node = KernfsNode(name, stat.S_IFREG | mode, parent, 0, show, store)
         node.size = size
+        node.fops = fops
+        node.seq = seq
         return self._add(parent, node)
 
     def create_link(self, parent: KernfsNode, name: str, target: Show) -> KernfsNode:
@@ -175,13 +211,16 @@ class Kernfs:
         node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
 
     @staticmethod
-    def read(node: KernfsNode, offset: int, size: int) -> bytes | int:
-        """Bytes at offset of a fresh show(), or -ENODEV for a removed node."""
+    def read(node: KernfsNode, offset: int = 0, size: int | None = None) -> bytes | int:
+        """Bytes at offset of a fresh show() (to its end when size is None), or
+        -ENODEV for a removed node."""
         if not node.active:
             return -errno.ENODEV
         assert node.show is not None
-        data = node.show().encode()[: PAGE_SIZE - 1]
-        return data[offset: offset + size]
+        data = node.show().encode()
+        if not node.seq:
+            data = data[: PAGE_SIZE - 1]
+        return data[offset:] if size is None else data[offset: offset + size]
 
     @staticmethod
     def write(node: KernfsNode, data: bytes) -> int:

@@ -48,7 +48,7 @@ def test_every_command_has_help_with_examples(command: str) -> None:
 def test_insmod_lsmod_rmmod(m: Mount) -> None:
     assert klpfs(m, "insmod", "livepatch-sample").stdout == ""
     assert ok(m, "lsmod").splitlines() == ["Module                  Size  Used by",
-                                           "livepatch_sample          48  1"]
+                                           "livepatch_sample         560  1"]
     again = klpfs(m, "insmod", "livepatch-sample")
     assert (again.returncode, again.stderr) == (
         1, "insmod: ERROR: could not insert module livepatch-sample: File exists\n")

@@ -1,5 +1,6 @@
-"""Module files: every shipped sample parses; bad files are refused with the
-file, the key and the problem named, before anything is loaded."""
+"""Module files: every shipped TOML module and every TOML example parses; bad
+files are refused with the file, the key and the problem named, before
+anything is loaded."""
 
 from __future__ import annotations
 
@@ -11,21 +12,25 @@ from klpfs.control.modfile import ModuleFileError, load_module_file, parse_modul
 from klpfs.control.samples import find_module_file, list_samples, module_stem
 from klpfs.modules import program as p
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+"""The TOML versions of the kernel's samples, kept as examples of the format."""
 
-@pytest.mark.parametrize("path", [p for p in list_samples() if p.suffix == ".toml"], ids=lambda path: path.stem)
+
+@pytest.mark.parametrize("path", [p for p in list_samples() if p.suffix == ".toml"] + sorted(EXAMPLES.glob("*.toml")),
+                         ids=lambda path: path.stem)
 def test_every_sample_parses(path: Path) -> None:
     mf = load_module_file(path)
     assert mf.name == path.stem.replace("-", "_")
 
 
 def test_sample_structure() -> None:
-    mf = load_module_file(find_module_file("livepatch-callbacks-demo"))
+    mf = load_module_file(EXAMPLES / "livepatch-callbacks-demo.toml")
     assert mf.livepatch and mf.objs is not None
     assert [o.name for o in mf.objs] == [None, "livepatch_callbacks_mod", "livepatch_callbacks_busymod"]
     assert sorted(mf.objs[0].callbacks) == ["post_patch", "post_unpatch", "pre_patch", "pre_unpatch"]
     assert mf.objs[0].callbacks["pre_patch"].ret == "{pre_patch_ret}"
     assert mf.params["pre_patch_ret"].perm == 0o644
-    busy = load_module_file(find_module_file("livepatch-callbacks-busymod"))
+    busy = load_module_file(EXAMPLES / "livepatch-callbacks-busymod.toml")
     assert not busy.livepatch and busy.objs is None
     assert busy.functions[0].steps[1] == p.Sleep("{sleep_secs}", "D")
 
@@ -33,7 +38,7 @@ def test_sample_structure() -> None:
 @pytest.mark.parametrize("name", ["livepatch_sample", "livepatch-sample", "livepatch-sample.ko",
                                   "/lib/modules/x/livepatch-sample.ko", "livepatch-sample.toml"])
 def test_find_module_file_by_name(name: str) -> None:
-    assert find_module_file(name).name == "livepatch-sample.toml"
+    assert find_module_file(name).name == "livepatch-sample.py"
     assert module_stem(name) == "livepatch_sample"
 
 

@@ -23,6 +23,7 @@ from klpfs.kernel.kallsyms import FuncDef, KSym, const_body
 from klpfs.kernel.module import Module
 from klpfs.kernel.printk import KERN_INFO
 from klpfs.kernel.sched import Task, TaskKind
+from klpfs.livepatch.debug import livepatch_debug, set_livepatch_debug
 from klpfs.livepatch.structs import KlpPatch
 from klpfs.modules.livepatch_module import FuncSpec, ObjectSpec, PatchModuleSpec, build_klp_patch
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
@@ -179,11 +180,11 @@ class Machine:
 
     @property
     def debug(self) -> bool:
-        return self.kernel.log.debug_enabled
+        return livepatch_debug(self.kernel.dyndbg)
 
     @debug.setter
     def debug(self, on: bool) -> None:
-        self.kernel.log.debug_enabled = on
+        set_livepatch_debug(self.kernel.dyndbg, on)
 
     def printk(self, level: int, text: str) -> None:
         self.kernel.printk(level, text)
@@ -306,7 +307,7 @@ class Machine:
 def make_machine(nursery: trio.Nursery, version: str = "4.15", reliable_stacks: bool = True,
                  debug: bool = True) -> Machine:
     system = System(kernel_version=version, reliable_stacks=reliable_stacks)
-    system.kernel.log.debug_enabled = debug
+    set_livepatch_debug(system.kernel.dyndbg, debug)
     nursery.start_soon(system.run)
     return Machine(system)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 from klpfs.kernel.sched import TaskKind
+from klpfs.livepatch.debug import livepatch_debug
+from klpfs.system import System
 
 from .conftest import ORIGINAL, cb_line, demo_callbacks, settle, spec, target_module
 
@@ -160,9 +162,8 @@ async def test_disable_order_of_operations(m, autojump_clock):
 async def test_debug_off_by_default(boot, autojump_clock):
     """§0 / §13.14: pr_debug lines are off by default; the notices remain."""
     m = boot(debug=False)
-    assert m.system.kernel.log.debug_enabled is False
-    from klpfs.system import System
-    assert System().kernel.log.debug_enabled is False
+    assert livepatch_debug(m.system.kernel.dyndbg) is False
+    assert livepatch_debug(System().kernel.dyndbg) is False
     assert m.load(A) == 0
     await settle()
     assert m.write("lp_a/enabled", b"0") == 1

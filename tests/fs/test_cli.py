@@ -53,7 +53,7 @@ def test_background_mount_then_umount(mountpoint: Path) -> None:
     result = klpfs("mount", str(mountpoint))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert is_klpfs_mount(mountpoint)
-    assert sorted(os.listdir(mountpoint)) == ["proc", "sys"]
+    assert sorted(os.listdir(mountpoint)) == ["dev", "proc", "sys"]
     assert os.path.isdir(mountpoint / "sys/kernel/livepatch")
     assert daemons(mountpoint)
     result = klpfs("umount", str(mountpoint))

@@ -34,6 +34,7 @@ from klpfs.control.ops import Control
 from klpfs.control.samples import find_module_file
 from klpfs.kernel.module import Module
 from klpfs.kernel.printk import KERN_INFO
+from klpfs.livepatch.debug import set_livepatch_debug
 from klpfs.sysfs.kernfs import KernfsNode
 from klpfs.system import System
 
@@ -235,7 +236,7 @@ class Machine(EngineMachine):
 def make_machine(nursery: trio.Nursery, version: str, reliable_stacks: bool = True,
                  debug: bool = False) -> Machine:
     system = System(kernel_version=version, reliable_stacks=reliable_stacks)
-    system.kernel.log.debug_enabled = debug
+    set_livepatch_debug(system.kernel.dyndbg, debug)
     nursery.start_soon(system.run)
     return Machine(system, version)
 

@@ -129,7 +129,7 @@ dmesg --level bogus; echo "dmesg=$?"
     run = klpfs_run(script=script)
     assert run.stdout.splitlines() == [
         "insmod=1", "modprobe=1", "rmmod=1", "modinfo=1", "again=1", "modprobe loaded=0",
-        f"filename:       {Path(sys.modules['klpfs'].__file__).parent / 'data/modules/livepatch-sample.toml'}",
+        f"filename:       {Path(sys.modules['klpfs'].__file__).parent / 'data/modules/livepatch-sample.py'}",
         "livepatch:      Y", "license:        GPL", "dmesg=1"]
     assert run.stderr.splitlines() == [
         "insmod: ERROR: could not load module nosuch.ko: No such file or directory",
