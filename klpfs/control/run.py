@@ -28,7 +28,8 @@ from klpfs.fs.child import MountedChild, MountFailed
 from klpfs.profiles import get_profile
 
 SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg", "uname")
-PROC_FILES = ("cmdline", "version", "meminfo", "modules", "sys/kernel/tainted", "sys/kernel/ftrace_enabled")
+PROC_FILES = ("cmdline", "version", "meminfo", "modules", "kallsyms", "sys/kernel/tainted",
+              "sys/kernel/ftrace_enabled")
 """The emulated kernel's /proc files bound over the host's (the host's procfs stays for processes)."""
 KDIR_MAKEFILE = """\
 # klpfs: the emulated kernel's build directory.  Its modules are Python or TOML

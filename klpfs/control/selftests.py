@@ -74,16 +74,24 @@ def fetch_source(version: str, wanted: tuple[str, ...] = (SELFTESTS,), cache: Pa
     return root
 
 
+def write_stand_ins(directory: Path) -> list[Path]:
+    """test_modules/<mod>.ko for each shipped selftest module, in directory (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in list_samples():
+        name = module_stem(path.name)
+        if name.startswith("test_klp"):
+            target = directory / f"{name}.ko"
+            target.write_text(STAND_IN.format(name=name))
+            written.append(target)
+    return written
+
+
 def prepare(tree: Path, workdir: Path) -> Path:
     """A scratch copy of the selftest directory with test_modules/<mod>.ko stand-ins."""
     copy = workdir / "livepatch"
     shutil.copytree(tree, copy)
-    modules = copy / "test_modules"
-    modules.mkdir(exist_ok=True)
-    for path in list_samples():
-        name = module_stem(path.name)
-        if name.startswith("test_klp"):
-            (modules / f"{name}.ko").write_text(STAND_IN.format(name=name))
+    write_stand_ins(copy / "test_modules")
     return copy
 
 

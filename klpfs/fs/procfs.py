@@ -36,6 +36,7 @@ class ProcFs:
         for name, func in SHOW_FUNCTIONS.items():
             kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func), size=0)
         kernfs.create_file(proc, "modules", 0o444, self._modules, size=0)
+        kernfs.create_file(proc, "kallsyms", 0o444, self._kallsyms, size=0, seq=True)
         # Whoever reads the mount stands for the console shell's children, as `cat` would be.
         kernfs.create_link(proc, "self", lambda: str(kernel.console.pid))
         sys_kernel = kernfs.create_dir(kernfs.create_dir(proc, "sys", 0o555), "kernel", 0o555)
@@ -68,6 +69,23 @@ class ProcFs:
         kernel = self._kernel
         func = kernel.kallsyms.find(func_name)
         return "" if func is None else kernel.call(func, kernel.console).output
+
+    def _kallsyms(self) -> str:
+        """/proc/kallsyms (s_show): vmlinux's functions, then each module's with its
+        name; a name that occurs more than once is a static function, 't'.  Module
+        symbols are listed newest module first, as the module list is walked."""
+        kallsyms = self._kernel.kallsyms
+        lines = []
+        vmlinux = kallsyms.symbols(None)
+        counts: dict[str, int] = {}
+        for sym in vmlinux:
+            counts[sym.name] = counts.get(sym.name, 0) + 1
+        for sym in vmlinux:
+            lines.append(f"{sym.addr:016x} {'t' if counts[sym.name] > 1 else 'T'} {sym.name}\n")
+        for module in reversed([m for m in kallsyms.objects() if m is not None]):
+            for sym in kallsyms.symbols(module):
+                lines.append(f"{sym.addr:016x} t {sym.name}\t[{module}]\n")
+        return "".join(lines)
 
     def _modules(self) -> str:
         """/proc/modules: name, size, refcount, users, state, address, taints."""

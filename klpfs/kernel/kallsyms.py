@@ -129,6 +129,10 @@ class Kallsyms:
             syms.append(sym)
         return syms
 
+    def objects(self) -> list[str | None]:
+        """vmlinux (None) first, then the modules in load order."""
+        return list(self._by_object)
+
     def find_any(self, name: str) -> KSym | None:
         """First function of that name anywhere: vmlinux first, then modules."""
         for syms in self._by_object.values():
