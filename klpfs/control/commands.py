@@ -19,7 +19,8 @@ from klpfs.kernel.printk import LEVEL_NAMES
 EXAMPLES = {
     "insmod": """examples:
   klpfs insmod livepatch-sample                      # a shipped sample, by name
-  klpfs insmod ./my-patch.toml
+  klpfs insmod ./my-patch.py                         # a Python module (or ./my-patch.toml)
+  klpfs insmod test_klp_callbacks_busy block_transition=Y
   klpfs insmod livepatch-callbacks-busymod sleep_secs=30""",
     "rmmod": """examples:
   klpfs rmmod livepatch_sample
@@ -62,12 +63,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     p = sub("insmod", "load a module file into the emulated kernel")
-    p.add_argument("file", help="a module file (.toml), or the name of a shipped sample")
+    p.add_argument("file", help="a module file (.py or .toml), or the name of a shipped module")
     p.add_argument("params", nargs="*", metavar="param=value", help="module parameters")
     p.set_defaults(func=cmd_insmod)
 
     p = sub("rmmod", "unload a module from the emulated kernel")
-    p.add_argument("name", help="module name (dashes or a .ko/.toml suffix are accepted)")
+    p.add_argument("name", help="module name (dashes or a .ko/.py/.toml suffix are accepted)")
     p.set_defaults(func=cmd_rmmod)
 
     sub("lsmod", "list loaded modules").set_defaults(func=cmd_lsmod)

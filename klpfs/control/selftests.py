@@ -134,6 +134,6 @@ def run(tree: Path, kernel: str, chosen: list[str]) -> int:
     return 0 if all(outcome in ("ok", "not emulated") for _, outcome in results) else 1
 
 
-def test_lines(output: str) -> list[tuple[str, str]]:
+def result_lines(output: str) -> list[tuple[str, str]]:
     """(title, "ok" | "not ok") of each `TEST: title ... ok` line a script printed."""
     return re.findall(r"^TEST: (.*?) \.\.\. (ok|not ok)$", output, re.M)

@@ -42,7 +42,9 @@ INITIAL_JIFFIES = (1 << 32) - 300 * HZ
 
 
 def jiffies(seconds: float) -> int:
-    return INITIAL_JIFFIES + int(seconds * HZ)
+    """The tick count at `seconds` since boot; a tick that floating point puts a
+    hair before its instant still counts (no 749-jiffy gaps in a 750-jiffy period)."""
+    return INITIAL_JIFFIES + int(seconds * HZ + 1e-6)
 
 
 @dataclass(frozen=True)

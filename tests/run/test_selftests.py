@@ -15,7 +15,7 @@ import pytest
 from fusemount import KLPFS, require_fuse
 from upstream import selftests
 
-from klpfs.control.selftests import NOT_EMULATED, test_lines
+from klpfs.control.selftests import NOT_EMULATED, result_lines
 
 RUN_MINUTES = 10
 
@@ -34,7 +34,7 @@ def test_the_kernels_selftests_pass(tree: str, kernel: str) -> None:
     scripts = sorted(p.name for p in directory.glob("test-*.sh"))
     expected = [(title, "ok") for script in scripts if script not in NOT_EMULATED
                 for title in titles(directory, script)]
-    assert test_lines(res.stdout) == expected, res.stdout[-4000:] + res.stderr[-2000:]
+    assert result_lines(res.stdout) == expected, res.stdout[-4000:] + res.stderr[-2000:]
     summary = res.stdout[res.stdout.index("# summary"):].splitlines()[1:]
     assert [line.split()[1] for line in summary] == scripts
     assert all(line.endswith(" ok") or (line.split()[1] in NOT_EMULATED and line.endswith("not emulated"))
