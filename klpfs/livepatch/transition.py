@@ -102,10 +102,17 @@ def _check_stack_func(lp: Livepatch, func: KlpFunc, trace: list[int]) -> bool:
     else:
         ops = klp_find_ops(lp, func.old_addr)
         assert ops is not None
-        if len(ops.func_stack) == 1:
+        below = ops.func_stack.index(func) + 1
+        if len(ops.func_stack) == 1 or below == len(ops.func_stack):
+            # The original function.  The second case is a func at the bottom of a
+            # stack that is not singular (a reversed unpatching of a patch that a
+            # forced one now sits on): klp_check_stack_func() takes list_next_entry()
+            # of it, which is the list head read as a klp_func, and compares the
+            # stack with whatever range that garbage gives.  The code below such a
+            # func is the original function, so that is what is checked here.
             start, size = func.old_addr, func.old_size
         else:
-            prev = ops.func_stack[ops.func_stack.index(func) + 1]
+            prev = ops.func_stack[below]
             assert prev.new_func is not None
             start, size = prev.new_func.addr, prev.new_size
     return any(start <= address < start + size for address in trace)
