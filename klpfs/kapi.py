@@ -101,6 +101,13 @@ class ModuleContext:
         self.procs.clear()
         self.kobjects.clear()
 
+    def remove_node(self, node: Any) -> None:
+        """A proc entry or kobject the module created goes (once: a second remove is a no-op)."""
+        for created in (self.procs, self.kobjects):
+            if node in created:
+                created.remove(node)
+                self.system.kernfs.remove(node)
+
     def printk(self, level: int, fmt: str, args: tuple[Any, ...]) -> None:
         self.kernel.printk(level, self.pr_text(fmt, args))
 
@@ -169,6 +176,11 @@ SHADOW_ARGS_BEFORE_4_17 = {"klp_shadow_alloc": 5, "klp_shadow_get_or_alloc": 5, 
 """The shadow API before 4.17, without constructor or destructor: (obj, id, data, size,
 gfp_flags), (obj, id) and (id).  A module is built against one kernel's headers, so it
 calls these in that kernel's form; a call in the other form is the other kernel's."""
+
+
+def unknown_symbols(profile: Profile) -> set[str]:
+    """The kernel symbols this profile's kernel does not have (a .ko needing one: Unknown symbol)."""
+    return {name for name, gate in _gates(profile).items() if gate == "unknown"}
 
 
 def check_symbols(names: set[str], profile: Profile, modname: str,
@@ -827,20 +839,14 @@ def proc_create_single(name: str, mode: int, parent: Any, show: KFunc) -> ProcDi
 
 
 def proc_remove(pde: ProcDirEntry | None) -> None:
-    if pde is None:
-        return
-    ctx = _ctx()
-    if pde.node in ctx.procs:
-        ctx.procs.remove(pde.node)
-        ctx.system.kernfs.remove(pde.node)
+    if pde is not None:
+        _ctx().remove_node(pde.node)
 
 
 def remove_proc_entry(name: str, parent: Any) -> None:
     ctx = _ctx()
-    for node in list(ctx.procs):
-        if node.name == name:
-            ctx.procs.remove(node)
-            ctx.system.kernfs.remove(node)
+    for node in [n for n in ctx.procs if n.name == name]:
+        ctx.remove_node(node)
 
 
 class KobjAttribute:
@@ -897,12 +903,8 @@ def kobject_create_and_add(name: str, parent: Any) -> Kobject | None:
 
 
 def kobject_put(kobj: Kobject | None) -> None:
-    if kobj is None:
-        return
-    ctx = _ctx()
-    if kobj.node in ctx.kobjects:
-        ctx.kobjects.remove(kobj.node)
-        ctx.system.kernfs.remove(kobj.node)
+    if kobj is not None:
+        _ctx().remove_node(kobj.node)
 
 
 def sysfs_create_file(kobj: Kobject, attr: KobjAttribute) -> int:
@@ -1074,7 +1076,7 @@ def klp_shadow_free_all(id: int, dtor: Any = None) -> None:
     _ctx().system.livepatch.shadow.klp_shadow_free_all(id, dtor)
 
 
-_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL",
+_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "unknown_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL",
              "annotations", "sys", "Callable", "TYPE_CHECKING", "Any", "PrintfError", "code_location", "PARAM_TYPES",
              "ParamSpec", "KSym", "Module",
              "ModuleState", "Task", "SeqFile", "KlpCallbacks", "KlpFunc", "KlpObject", "KlpPatch", "KlpState",
