@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 
 from klpfs.control import commands as control
 from klpfs.control.run import SHIMS
+from klpfs.elf import command as ko_command
 from klpfs.profiles import DEFAULT, PROFILES, get_profile
 
 if TYPE_CHECKING:
     import trio
 
+    from klpfs.fs.operations import KernfsOperations
+    from klpfs.fs.realtasks import RealTasks
     from klpfs.system import System
 
 
@@ -37,6 +40,9 @@ options (-o, comma separated, repeatable):
   log=PATH   append the daemon's log to PATH (default: stderr with -f, nowhere otherwise)
   speed=N    run the emulated clock N times faster (default 1: the kernel's own timing;
              speed=10 retries a stuck transition ten times a second)
+  procunion=DIR
+             proc/ is also the procfs mounted at DIR, whose processes become
+             tasks of the emulated kernel (what `klpfs run` uses)
   anything else is passed to libfuse, after the defaults
   fsname=klpfs,subtype=klpfs,default_permissions,allow_other,auto_unmount
   (as a non-root user, allow_other needs user_allow_other in /etc/fuse.conf)
@@ -54,12 +60,22 @@ def kernel_version(value: str) -> str:
 class Daemon:
     """What ``klpfs mount`` serves: the emulated system and its control socket."""
 
-    def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0) -> None:
+    def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0, procunion: str | None = None) -> None:
         # Imported here, in the daemon after the fork: the engine is not needed before.
         from klpfs.system import System
         self.system: System = System(kernel_version=kernel, speed=speed)
         self.kernfs = self.system.kernfs
         self.mountpoint = mountpoint
+        self.operations: KernfsOperations | None = None
+        """proc/ as the union with the procfs at `procunion` (klpfs run); else plain kernfs."""
+        self.real_tasks: RealTasks | None = None
+        if procunion is not None:
+            from klpfs.fs.caller import Callers
+            from klpfs.fs.procunion import ProcUnionOperations
+            from klpfs.fs.realtasks import RealTasks
+            self.real_tasks = RealTasks(self.system.kernel, procunion)
+            self.operations = ProcUnionOperations(self.kernfs, self.system.kernel, self.real_tasks,
+                                                  Callers(procunion))
 
     async def run(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
         import trio
@@ -67,6 +83,8 @@ class Daemon:
         from klpfs.control.server import serve_control
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, self.system, self.mountpoint)
+            if self.real_tasks is not None:
+                nursery.start_soon(self.real_tasks.run)
             if task_status is not None:
                 task_status.started()
             await self.system.run()
@@ -79,8 +97,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
-    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed), args.mountpoint, options,
-                 foreground=args.foreground)
+    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed, options.procunion),
+                 args.mountpoint, options, foreground=args.foreground)
 
 
 RUN_EXAMPLES = """\
@@ -175,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=_cmd_umount)
 
     control.add_commands(commands)
+    ko_command.add_command(commands)
 
     cmd = commands.add_parser(
         "run", help="run a command with the emulator at /sys/kernel/livepatch (needs root)",
@@ -249,7 +268,7 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("mount", "umount", "run", "shim", "selftests"):
+    if args.command in ("mount", "umount", "run", "shim", "selftests", "ko"):
         return args.func(args)
     return control.run(args)
 

@@ -95,6 +95,19 @@ class Profile:
     livepatch_sources: str
     """The kernel/livepatch sources whose pr_debug() line numbers and functions the control
     file lists (klpfs.livepatch.debug): "4.15", "6.1" or "6.12"."""
+    # -- module files (.ko) ----------------------------------------------------------
+    vermagic_flags: str = "SMP mod_unload modversions "
+    """What follows the release in VERMAGIC_STRING (include/linux/vermagic.h): `preempt`
+    for CONFIG_PREEMPT_BUILD (Debian's and Ubuntu's 6.x kernels, PREEMPT_DYNAMIC), absent
+    for the 4.x/5.1 distribution kernels (voluntary preemption); every one has modversions."""
+    module_layout_crc: int | None = None
+    """The CRC of `module_layout` (check_modstruct_version) when known: Debian 6.1.0-50-amd64's
+    Module.symvers; None: a module's is not checked."""
+
+    @property
+    def vermagic(self) -> str:
+        """VERMAGIC_STRING: what a module built for this kernel carries in its .modinfo."""
+        return f"{self.release} {self.vermagic_flags}"
 
     @property
     def reenable(self) -> bool:
@@ -137,13 +150,13 @@ LINUX_6_1 = LINUX_5_1.derive(
     force_marks=FORCE_REMOVED,
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
-    dyndbg="6.1",
+    dyndbg="6.1", vermagic_flags="SMP preempt mod_unload modversions ", module_layout_crc=0xBCE1A965,
 )
 
 # 6.11's callsites are 6.12's: its transition.c already has the cond_resched()
 # switching (6.4) that moved them from where 6.1 has them.
 LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True,
-                              dyndbg="6.12", livepatch_sources="6.12")
+                              dyndbg="6.12", livepatch_sources="6.12", module_layout_crc=None)
 
 LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from klpfs.control.client import ControlError, request, stream
+from klpfs.control.modrequest import insmod_file_args
 from klpfs.control.run import sync_after_module_change
 from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, list_samples
@@ -65,6 +67,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub("insmod", "load a module file into the emulated kernel")
     p.add_argument("file", help="a module file (.py or .toml), or the name of a shipped module")
     p.add_argument("params", nargs="*", metavar="param=value", help="module parameters")
+    p.add_argument("--behaviour", metavar="FILE.py", type=Path,
+                   help="for a .ko: the Python module whose functions stand in for its machine code "
+                        "(default: FILE.py beside FILE.ko, if there is one)")
     p.set_defaults(func=cmd_insmod)
 
     p = sub("rmmod", "unload a module from the emulated kernel")
@@ -139,10 +144,10 @@ def cmd_insmod(args: argparse.Namespace) -> int:
         return _error("insmod", f"could not load module {args.file}: No such file or directory "
                                 f"(shipped samples: {names})")
     try:
-        text = path.read_text()
+        file_args = insmod_file_args(path, args.behaviour)
     except (OSError, UnicodeDecodeError) as e:
         return _error("insmod", f"could not load module {args.file}: {e}")
-    reply = request(args.mount, "insmod", path=str(path), text=text, params=args.params)
+    reply = request(args.mount, "insmod", params=args.params, **file_args)
     if reply["ok"]:
         sync_after_module_change()
         return 0

@@ -19,12 +19,35 @@ from klpfs.kernel.workqueue import DelayedWork, Work, cancel_work_sync, queue_de
 from klpfs.livepatch.structs import KlpObject, KlpState
 from klpfs.modules.livepatch_module import (
     ObjectSpec, FuncSpec, build_klp_patch, klp_sample_exit, klp_sample_init)
-from klpfs.modules.program import Frame, ModuleCode
+from klpfs.control.modfile import ModuleFileError
+from klpfs.modules.program import Frame, IfPrevState, ModuleCode, ShadowAlloc, ShadowFree
 
 if TYPE_CHECKING:
     from klpfs.kernel.sched import Task
+    from klpfs.profiles import Profile
     from klpfs.system import System
 
+
+
+def check_profile(mf: ModuleFile, profile: Profile) -> None:
+    """Fields and APIs that do not exist in the running kernel (the .ko would not build):
+    ModuleFileError naming the key and the release that has it."""
+    this = f"(this is {profile.version})"
+    if mf.replace and not profile.atomic_replace:
+        raise ModuleFileError(f"{mf.path}: patch.replace: atomic replace needs kernel 5.1 or later {this}")
+    if mf.states and not profile.system_states:
+        raise ModuleFileError(f"{mf.path}: patch.state: system states need kernel 5.5 or later {this}")
+    immediate = mf.immediate or any(f.immediate for o in mf.objs or () for f in o.funcs)
+    if immediate and not profile.immediate:
+        raise ModuleFileError(f"{mf.path}: patch: immediate was removed in 4.16 {this}")
+    for step in mf.all_steps():
+        if isinstance(step, IfPrevState) and not profile.system_states:
+            raise ModuleFileError(f"{mf.path}: if_prev_state: system states need kernel 5.5 or later {this}")
+        ctor_dtor = (isinstance(step, ShadowFree) and step.dtor_log is not None
+                     or isinstance(step, ShadowAlloc) and step.ctor_ret is not None)
+        if ctor_dtor and not profile.shadow_ctor_dtor:
+            raise ModuleFileError(f"{mf.path}: shadow variable constructors and destructors "
+                                  f"(ctor_ret, dtor_log) need kernel 4.17 or later {this}")
 
 
 def build_module(mf: ModuleFile, system: System) -> Module:

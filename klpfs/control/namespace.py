@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -30,6 +34,17 @@ def unshare_mounts() -> None:
     """Enter a new mount namespace whose mounts do not propagate back to the host."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+
+
+def unshare_pids() -> None:
+    """The caller's next child is pid 1 of a new PID namespace; the caller stays outside."""
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+
+
+def mount_proc(target: str | Path) -> None:
+    """A procfs of the caller's PID namespace at target."""
+    _check(_libc.mount(b"proc", str(target).encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+           f"mount proc {target}")
 
 
 def bind(source: str | Path, target: str | Path) -> None:

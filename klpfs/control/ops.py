@@ -7,6 +7,7 @@ tests can drive it directly under a mock clock.
 
 from __future__ import annotations
 
+import base64
 import errno
 import inspect
 import os
@@ -14,11 +15,11 @@ from collections.abc import Awaitable
 from typing import Any
 
 from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
-from klpfs.control.modload import build_module
+from klpfs.control.modload import build_module, check_profile
+from klpfs.elf.kmod import KoError, build_ko_module
 from klpfs.control.samples import module_stem
 from klpfs.modules.pymodule import PyModuleError, build_pymodule
-from klpfs.modules.program import IfPrevState, ShadowAlloc, ShadowFree
-from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, Module
+from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, Module, module_size
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
 from klpfs.livepatch.debug import livepatch_debug, set_livepatch_debug
 from klpfs.kernel.sched import (
@@ -59,7 +60,14 @@ class Control:
 
     # -- modules ------------------------------------------------------------------
 
-    async def insmod(self, path: str, text: str, params: list[str]) -> Reply:
+    async def insmod(self, path: str, text: str = "", params: list[str] | None = None,
+                     data: bytes | str | None = None, behaviour: dict[str, str] | None = None) -> Reply:
+        """Load a module file: `text` for .py and TOML files, `data` (bytes, or base64 over
+        the socket) for a .ko; `behaviour` {path, text}: the Python module that supplies a
+        .ko's function bodies."""
+        params = list(params or [])
+        if data is not None:
+            return await self._insmod_ko(path, data, params, behaviour)
         if path.endswith(".py"):
             try:
                 mod = build_pymodule(path, text, self.system)
@@ -72,6 +80,22 @@ class Control:
         except ModuleFileError as e:
             return fail(errno.ENOEXEC, str(e), file_error=True)
         return await self.init_module(build_module(mf, self.system), params)
+
+    async def _insmod_ko(self, path: str, data: bytes | str, params: list[str],
+                         behaviour: dict[str, str] | None) -> Reply:
+        if isinstance(data, str):
+            try:
+                data = base64.b64decode(data, validate=True)
+            except ValueError:
+                return fail(errno.EINVAL, "insmod: `data` is not base64")
+        companion = None
+        if behaviour is not None:
+            companion = (str(behaviour.get("path", "")), str(behaviour.get("text", "")))
+        try:
+            mod = build_ko_module(path, data, self.system, companion)
+        except KoError as e:
+            return fail(e.errno, str(e), file_error=e.errno == errno.ENOEXEC)
+        return await self.init_module(mod, params)
 
     async def init_module(self, mod: Module, params: list[str], comm: str = "insmod") -> Reply:
         """finit_module() by a short-lived `insmod` process: the parameters are
@@ -90,23 +114,7 @@ class Control:
 
     def _check_profile(self, mf: ModuleFile) -> None:
         """Fields and APIs that do not exist in the running kernel (the .ko would not build)."""
-        profile = self.system.profile
-        this = f"(this is {profile.version})"
-        if mf.replace and not profile.atomic_replace:
-            raise ModuleFileError(f"{mf.path}: patch.replace: atomic replace needs kernel 5.1 or later {this}")
-        if mf.states and not profile.system_states:
-            raise ModuleFileError(f"{mf.path}: patch.state: system states need kernel 5.5 or later {this}")
-        immediate = mf.immediate or any(f.immediate for o in mf.objs or () for f in o.funcs)
-        if immediate and not profile.immediate:
-            raise ModuleFileError(f"{mf.path}: patch: immediate was removed in 4.16 {this}")
-        for step in mf.all_steps():
-            if isinstance(step, IfPrevState) and not profile.system_states:
-                raise ModuleFileError(f"{mf.path}: if_prev_state: system states need kernel 5.5 or later {this}")
-            ctor_dtor = (isinstance(step, ShadowFree) and step.dtor_log is not None
-                         or isinstance(step, ShadowAlloc) and step.ctor_ret is not None)
-            if ctor_dtor and not profile.shadow_ctor_dtor:
-                raise ModuleFileError(f"{mf.path}: shadow variable constructors and destructors "
-                                      f"(ctor_ret, dtor_log) need kernel 4.17 or later {this}")
+        check_profile(mf, self.system.profile)
 
     async def rmmod(self, name: str) -> Reply:
         name = module_stem(name)
@@ -126,7 +134,7 @@ class Control:
         return fail(-ret, name=name) if ret else ok(name=name)
 
     def lsmod(self) -> Reply:
-        mods = [{"name": m.name, "size": sum(s.size for s in m.symbols), "refcnt": m.refcnt}
+        mods = [{"name": m.name, "size": module_size(m), "refcnt": m.refcnt}
                 for m in reversed(self.kernel.modules.modules.values())]
         return ok(modules=mods)
 
@@ -173,6 +181,7 @@ class Control:
 
     def ps(self) -> Reply:
         sched = self.kernel.sched
+        sched.refresh()
         return ok(tasks=[self.task_info(t) for t in (*sched.idle_tasks, *sched.tasks.values())])
 
     def task_add(self, comm: str, kind: str, ppid: int | None) -> Reply:
@@ -226,7 +235,8 @@ class Control:
                   output=result.output)
 
     def status(self) -> Reply:
-        return ok(kernel=self.system.profile.version, release=self.system.profile.release)
+        profile = self.system.profile
+        return ok(kernel=profile.version, release=profile.release, vermagic=profile.vermagic)
 
     async def handle(self, request: dict[str, Any]) -> Reply:
         """Run one request ({"cmd": name, ...arguments}); refusals become error replies."""

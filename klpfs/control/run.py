@@ -5,9 +5,10 @@ directory; /sys/kernel becomes a tmpfs holding the host's entries (bound
 back) plus the emulated `livepatch`; /sys/module likewise gets the emulated
 modules' directories as they load; shims for insmod, rmmod, modprobe, lsmod,
 modinfo and dmesg go first on PATH; /dev/kmsg is the emulated log's (for
-`echo ... > /dev/kmsg` and util-linux dmesg).  Then COMMAND runs, and
-everything is torn down with the namespace.  The host's mount table is
-never touched.
+`echo ... > /dev/kmsg` and util-linux dmesg).  Then COMMAND runs in a PID
+namespace of its own, under a /proc that is the emulated kernel's and its
+own at once (pidns.py), and everything is torn down with the namespaces.
+The host's mount table is never touched.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from klpfs.profiles import get_profile
 SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg", "uname")
 PROC_FILES = ("cmdline", "version", "meminfo", "modules", "kallsyms", "sys/kernel/tainted",
               "sys/kernel/ftrace_enabled")
-"""The emulated kernel's /proc files bound over the host's (the host's procfs stays for processes)."""
+"""The emulated kernel's /proc files bound over the host's in the run's mount namespace (what
+`nsenter --mount` finds, and COMMAND where its own procfs cannot be mounted); COMMAND's /proc
+is otherwise the whole union of the emulated and its real one (pidns.py)."""
 KDIR_MAKEFILE = """\
 # klpfs: the emulated kernel's build directory.  Its modules are Python or TOML
 # module files (klpfs insmod FILE), not compiled objects; `klpfs selftests`
@@ -54,6 +57,11 @@ class RunState:
     @property
     def mountpoint(self) -> Path:
         return self.workdir / "mnt"
+
+    @property
+    def ns_proc(self) -> Path:
+        """Where the procfs of COMMAND's PID namespace is mounted, for the daemon."""
+        return self.workdir / "ns-proc"
 
     @property
     def modules_dirs(self) -> list[Path]:
@@ -163,19 +171,17 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     _write_shims(state.workdir / "bin")
     os.environ.update(env)
     state.mountpoint.mkdir()
+    state.ns_proc.mkdir()
     log = open(state.workdir / "daemon.log", "w+b")
     try:
-        daemon = MountedChild(state.mountpoint, kernel, options, log, env)
+        daemon = MountedChild(state.mountpoint, kernel, [*options, f"procunion={state.ns_proc}"], log, env)
     except MountFailed as e:
         raise RunError(str(e)) from None
     try:
         _expose(state, get_profile(kernel).release)
         env["PATH"] = f"{state.workdir / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
-        try:
-            status = subprocess.run(list(command), env=env).returncode
-        except FileNotFoundError:
-            print(f"klpfs run: {command[0]}: command not found", file=sys.stderr)
-            status = 127
+        status = subprocess.run([sys.executable, "-m", "klpfs.control.pidns", str(state.ns_proc),
+                                 str(state.mountpoint / "proc"), "--", *command], env=env).returncode
         if keep_mounted:
             _wait_for_interrupt(os.getpid())
         return status
@@ -187,7 +193,7 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
             namespace.detach(target)
         daemon.stop()
         log.close()
-        for kept in ("host-kernel", "host-module", "host-lib-modules", "host-lib"):
+        for kept in ("host-kernel", "host-module", "host-lib-modules", "host-lib", "ns-proc"):
             namespace.detach(state.workdir / kept)
         shutil.rmtree(state.workdir, ignore_errors=True)
 

@@ -49,6 +49,15 @@ class DaemonRecord:
     pid: int
     kernel: str
     socket: str
+    pidns: str = ""
+    """The PID namespace `pid` belongs to ("pid:[inode]"; klpfs run's commands are in another)."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
@@ -56,7 +65,8 @@ def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
     directory = runtime_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    record = DaemonRecord(os.path.abspath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)))
+    record = DaemonRecord(os.path.abspath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)),
+                          _pid_namespace())
     path = record_path(mountpoint)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record.__dict__))
@@ -73,9 +83,13 @@ def remove_record(mountpoint: str | Path) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def _alive(record: DaemonRecord) -> bool:
+    """Whether the daemon runs; one whose pid cannot be seen from here (a klpfs run's
+    command) runs while its socket is there (the daemon removes it when it stops)."""
+    if record.pidns and record.pidns != _pid_namespace():
+        return os.path.exists(record.socket)
     try:
-        os.kill(pid, 0)
+        os.kill(record.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -94,7 +108,7 @@ def running_daemons() -> list[DaemonRecord]:
             record = DaemonRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(record.pid):
+        if _alive(record):
             records.append(record)
     return records
 

@@ -22,7 +22,8 @@ from klpfs.kernel.printk import LogRecord
 from klpfs.system import System
 
 log = logging.getLogger(__name__)
-MAX_REQUEST = 4 << 20
+MAX_REQUEST = 64 << 20
+"""A request carries a whole module file (a .ko in base64)."""
 
 
 def peer_uid(sock: socket.socket) -> int:

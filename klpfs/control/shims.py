@@ -20,6 +20,9 @@ from pathlib import Path
 from klpfs.control.client import ControlError, request, stream
 from klpfs.control.commands import format_record, print_lsmod
 from klpfs.control.modfile import ModuleFileError, load_module_file
+from klpfs.control.modrequest import insmod_file_args, is_ko, is_stand_in
+from klpfs.elf.kmod import KoError
+from klpfs.elf.kmod import modinfo_fields as ko_modinfo_fields
 from klpfs.modules.pymodule import PyModuleError, read_modinfo
 from klpfs.control.run import RunState, sync_after_module_change
 from klpfs.control.runtime import NoDaemon
@@ -44,7 +47,7 @@ def _search() -> list[Path]:
 def _resolve(name: str) -> Path | None:
     """A module file for NAME: the file itself if it is one, else by module name."""
     path = Path(name)
-    if path.suffix in (".toml", ".py") and path.is_file():
+    if path.suffix in (".toml", ".py", ".ko") and path.is_file() and not is_stand_in(path):
         return path
     return find_module_file(module_stem(name), _search())
 
@@ -58,7 +61,8 @@ def mod_strerror(err: int) -> str:
 
 
 def _load(path: Path, params: list[str]) -> dict:
-    return request(None, "insmod", path=str(path), text=path.read_text(), params=params)
+    """insmod's request: the file's text, or a .ko's bytes (with X.py beside it, if any)."""
+    return request(None, "insmod", params=params, **insmod_file_args(path))
 
 
 def _loaded(name: str) -> bool:
@@ -213,8 +217,12 @@ def lsmod(argv: list[str]) -> int:
     return 0
 
 
-def _modinfo_fields(path: Path, release: str) -> list[tuple[str, str]]:
-    """modinfo's fields, in its order, for a TOML or a Python module; ModuleFileError/PyModuleError."""
+def _modinfo_fields(path: Path, release: str, vermagic: str | None = None) -> list[tuple[str, str]]:
+    """modinfo's fields, in its order: a .ko's own .modinfo, or what a TOML or Python module
+    would have as one (with the kernel's vermagic); ModuleFileError/PyModuleError/KoError."""
+    data = path.read_bytes()
+    if is_ko(path, data):
+        return ko_modinfo_fields(path, data)
     if path.suffix == ".py":
         pm = read_modinfo(path, path.read_text())
         name, license, description, authors = pm.name, pm.license, pm.description, pm.authors
@@ -235,7 +243,7 @@ def _modinfo_fields(path: Path, release: str) -> list[tuple[str, str]]:
     fields += [("depends", ""), ("retpoline", "Y")]
     if intree:
         fields.append(("intree", "Y"))
-    fields += [("name", name), ("vermagic", f"{release} SMP mod_unload modversions ")]
+    fields += [("name", name), ("vermagic", vermagic or f"{release} SMP mod_unload modversions ")]
     fields += [("parm", f"{pname}:{desc} ({ptype})") for pname, desc, ptype in params]
     return fields
 
@@ -246,7 +254,11 @@ def modinfo(argv: list[str]) -> int:
     parser.add_argument("-k", dest="kernel")
     parser.add_argument("modules", nargs="+")
     args = parser.parse_args(argv)
-    release = args.kernel or request(None, "status")["release"]
+    status = request(None, "status")
+    release = args.kernel or status["release"]
+    vermagic = status.get("vermagic")
+    if vermagic and args.kernel:
+        vermagic = args.kernel + vermagic[len(status["release"]):]
     status = 0
     for name in args.modules:
         path = _resolve(name)
@@ -255,14 +267,15 @@ def modinfo(argv: list[str]) -> int:
             status = 1
             continue
         try:
-            fields = _modinfo_fields(path, release)
-        except (ModuleFileError, PyModuleError) as e:
+            fields = _modinfo_fields(path, release, vermagic)
+        except (ModuleFileError, PyModuleError, KoError) as e:
             print(f"modinfo: ERROR: could not get modinfo from '{name}': Invalid argument\n{e}", file=sys.stderr)
             status = 1
             continue
         for key, value in fields:
             if args.field is None:
-                print(f"{key + ':':<16}{value}")
+                # kmod: printf("%s:%-*s%s", key, 15 - keylen, "", value); a negative width pads too.
+                print(f"{key}:{' ' * abs(15 - len(key))}{value}")
             elif key == args.field:
                 print(value)
     return status

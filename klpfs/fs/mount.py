@@ -50,6 +50,7 @@ LOG_FORMAT = "%(asctime)s klpfs[%(process)d] %(levelname)s %(name)s: %(message)s
 
 class Machine(Protocol):
     kernfs: Kernfs
+    """Served by a KernfsOperations, unless the machine has an ``operations`` of its own."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work until cancelled; call task_status.started() once ready."""
@@ -65,11 +66,14 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
-    """-o options: ``log=PATH`` and ``speed=N`` are klpfs's own; the rest go to libfuse."""
+    """-o options: ``log=PATH``, ``speed=N`` and ``procunion=DIR`` are klpfs's own; the
+    rest go to libfuse."""
 
     fuse: set[str] = field(default_factory=lambda: set(FUSE_OPTIONS))
     log: str | None = None
     speed: float = 1.0
+    procunion: str | None = None
+    """A procfs to merge under the mount's proc/ (klpfs run's; see procunion.py)."""
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> MountOptions:
@@ -83,6 +87,10 @@ class MountOptions:
                     if not arg:
                         raise MountError("log= needs a file name")
                     options.log = os.path.abspath(arg)
+                elif name == "procunion":
+                    if not arg:
+                        raise MountError("procunion= needs a directory")
+                    options.procunion = os.path.abspath(arg)
                 elif name == "speed":
                     try:
                         options.speed = float(arg)
@@ -158,7 +166,7 @@ async def serve(factory: MachineFactory, mountpoint: str, fuse_options: set[str]
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         machine = factory(mountpoint)
-        operations = KernfsOperations(machine.kernfs)
+        operations = getattr(machine, "operations", None) or KernfsOperations(machine.kernfs)
         failure = None
         async with trio.open_nursery() as background:
             await background.start(machine.run)

@@ -1,5 +1,6 @@
-"""The emulated /proc: a directory per task and files served by calling the
-emulated kernel's own show functions.
+"""The emulated /proc: a directory per task (comm, stat, status, stack,
+patch_state, task/<tid>/) and files served by calling the emulated kernel's
+own show functions.
 
 `cat MNT/proc/cmdline` runs the emulated cmdline_proc_show as the console
 task through the ftrace call path, so a patch that replaces it is visible
@@ -11,8 +12,9 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
+from klpfs.fs.procpid import USER_HZ, task_stat, task_status
 from klpfs.kernel.kernel import Kernel
-from klpfs.kernel.module import taint_letters
+from klpfs.kernel.module import module_size, taint_letters
 from klpfs.kernel.sched import Task, stack_lines
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 
@@ -91,7 +93,7 @@ class ProcFs:
         """/proc/modules: name, size, refcount, users, state, address, taints."""
         lines = []
         for mod in reversed(self._kernel.modules.modules.values()):
-            size = sum(sym.size for sym in mod.symbols)
+            size = module_size(mod)
             letters = taint_letters(mod.taint_mask)
             taints = f" ({letters})" if letters else ""
             lines.append(f"{mod.name} {size} {mod.refcnt} - {mod.state.name.capitalize()} 0x0000000000000000{taints}\n")
@@ -111,7 +113,11 @@ class ProcFs:
 
     def _task_files(self, node: KernfsNode, task: Task) -> None:
         kernfs = self._kernfs
+        sched = self._kernel.sched
+        start_ticks = round(self._kernel.now() * USER_HZ)  # the fork event comes as the task starts
         kernfs.create_file(node, "comm", 0o644, lambda: f"{task.comm}\n", size=0)
+        kernfs.create_file(node, "stat", 0o444, lambda: task_stat(sched, task, start_ticks), size=0)
+        kernfs.create_file(node, "status", 0o444, lambda: task_status(sched, task), size=0)
         kernfs.create_file(node, "patch_state", 0o400, lambda: f"{task.patch_state}\n", size=0)
         kernfs.create_file(node, "stack", 0o400,
                            lambda: "".join(f"{line}\n" for line in stack_lines(self._kernel.sched.stack(task))), size=0)

@@ -93,6 +93,19 @@ class Module:
     """Whatever the module's own code keeps (its klp_patch, its tasks)."""
     dyndbg: list[Ddebug] = field(default_factory=list)
     """Its pr_debug() callsites (the __dyndbg section), registered while it is loaded."""
+    core_size: int | None = None
+    """core_layout.size of a module loaded from a .ko (klpfs.elf.coresize); None: the sum of
+    its functions' sizes stands in."""
+    init_size: int = 0
+    """init_layout.size of a .ko: counted until init has run and freed it."""
+
+
+def module_size(mod: Module) -> int:
+    """The size /proc/modules and lsmod show (m_show): init + core layout, the init part
+    only until the module is live."""
+    if mod.core_size is None:
+        return sum(s.size for s in mod.symbols)
+    return mod.core_size + (mod.init_size if mod.state is not ModuleState.LIVE else 0)
 
 
 class ModuleLoader:

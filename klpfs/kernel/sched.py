@@ -122,6 +122,9 @@ class Sched:
         keeps running it every tick while the flag stays set."""
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
+        self.task_sources: list[Callable[[], None]] = []
+        """Bring the task list up to date with tasks that live outside the
+        emulator (the real processes of a `klpfs run`); see `refresh`."""
         self._next_pid = 1
         self._rest = kallsyms.find_each(REST_FRAMES)
         self._idle_rest = kallsyms.find_each(IDLE_REST_FRAMES)
@@ -140,17 +143,30 @@ class Sched:
     def find(self, pid: int) -> Task | None:
         return self.tasks.get(pid)
 
+    def refresh(self) -> None:
+        """Before the task list is shown: tasks living elsewhere come and go first."""
+        for source in self.task_sources:
+            source()
+
     def add_idle(self, cpu: int, base: list[KSym]) -> Task:
         task = Task(0, f"swapper/{cpu}", TaskKind.IDLE, base, cpu=cpu, state=TASK_RUNNING)
         self.idle_tasks.append(task)
         return task
 
     def add(self, comm: str, kind: TaskKind, base: list[KSym], ppid: int = 0,
-            pid: int | None = None) -> Task:
-        """A new task, copying its parent's patch state and pending flag (spec §8.12)."""
+            pid: int | None = None, foreign: bool = False) -> Task:
+        """A new task, copying its parent's patch state and pending flag (spec §8.12).
+
+        `foreign`: the pid was handed out outside the emulator (a real process
+        of `klpfs run`), so it does not move where the emulator's own pids
+        continue from.
+        """
         if pid is None:
             pid = self._next_pid
-        self._next_pid = max(self._next_pid, pid + 1)
+            while pid in self.tasks:  # alloc_pid(): idr_alloc_cyclic() skips ids in use
+                pid += 1
+        if not foreign:
+            self._next_pid = max(self._next_pid, pid + 1)
         task = Task(pid, comm, kind, base, cpu=pid % len(self.cpu_online), ppid=ppid)
         parent = self.tasks.get(ppid)
         if parent is not None:

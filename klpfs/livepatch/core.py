@@ -260,6 +260,11 @@ class Livepatch:
     def _klp_init_object_loaded(self, patch: KlpPatch, obj: KlpObject) -> int:
         """Resolve old_addr and the sizes of every func of a loaded object (§3.5)."""
         kallsyms = self.kernel.kallsyms
+        if klp_is_module(obj) and obj.relocs is not None:
+            # Module-specific klp relocations are written once the module is there (6.1).
+            ret = obj.relocs()
+            if ret:
+                return ret
         for func in obj.funcs or ():
             assert func.old_name is not None
             addr = self.klp_find_object_symbol(obj.name, func.old_name, func.old_sympos)

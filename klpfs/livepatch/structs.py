@@ -68,6 +68,9 @@ class KlpObject:
     patched: bool = False
     dynamic: bool = False
     """Allocated by atomic replace to hold nops for an object the patch does not name."""
+    relocs: Callable[[], int] | None = None
+    """klp_apply_object_relocs(): the patch module's `.klp.rela.<module>.*` relocations,
+    resolved when the patched module is (0 or -errno, logged)."""
 
     @property
     def display_name(self) -> str:

@@ -279,6 +279,12 @@ class StaticModInfo:
     info: dict[str, str] = field(default_factory=dict)
     params: list[tuple[str, str, str]] = field(default_factory=list)
     """(name, description, type) of each parameter."""
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    """The .modinfo entries the calls make, in source order: ("license", "GPL"),
+    ("parmtype", "flag:int"), ("parm", "flag:its description"), ..."""
+    init: str = ""
+    exit: str = ""
+    """The functions module_init() and module_exit() name."""
 
 
 def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
@@ -296,7 +302,14 @@ def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
             continue
         args = [a.value if isinstance(a, ast.Constant) else None for a in node.value.args]
         call = node.value.func.id
-        if call == "MODULE_LICENSE" and args:
+        entry = _modinfo_entry(call, args)
+        if entry is not None:
+            info.entries.append(entry)
+        if call in ("module_init", "module_exit") and node.value.args and isinstance(node.value.args[0], ast.Name):
+            setattr(info, call.removeprefix("module_"), node.value.args[0].id)
+        elif call == "MODULE_VERSION" and args:
+            info.info["version"] = str(args[0])
+        elif call == "MODULE_LICENSE" and args:
             info.license = str(args[0])
         elif call == "MODULE_DESCRIPTION" and args:
             info.description = str(args[0])
@@ -312,3 +325,17 @@ def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
             params[str(args[0])][0] = str(args[1])
     info.params = [(name, desc, ptype) for name, (desc, ptype) in params.items()]
     return info
+
+
+def _modinfo_entry(call: str, args: list[Any]) -> tuple[str, str] | None:
+    """The `key=value` a MODULE_*() or module_param*() call puts in .modinfo, as the C macro does."""
+    if call in ("MODULE_LICENSE", "MODULE_AUTHOR", "MODULE_DESCRIPTION", "MODULE_VERSION") and args:
+        return call.removeprefix("MODULE_").lower(), str(args[0])
+    if call == "MODULE_INFO" and len(args) == 2:
+        return str(args[0]), str(args[1])
+    if call in ("module_param", "module_param_named", "module_param_array") and len(args) >= 3:
+        ptype = args[2] if call == "module_param_named" else args[1]
+        return "parmtype", f"{args[0]}:{'array of ' if call == 'module_param_array' else ''}{ptype}"
+    if call == "MODULE_PARM_DESC" and len(args) == 2:
+        return "parm", f"{args[0]}:{args[1]}"
+    return None

@@ -38,7 +38,7 @@ def m(mount_klpfs) -> Mount:
 
 
 @pytest.mark.parametrize("command", ["mount", "umount", "insmod", "rmmod", "lsmod", "dmesg", "debug", "ps",
-                                     "task", "call"])
+                                     "task", "call", "ko"])
 def test_every_command_has_help_with_examples(command: str) -> None:
     run = subprocess.run([*KLPFS, command, "--help"], capture_output=True, text=True, timeout=DEADLINE)
     assert run.returncode == 0
