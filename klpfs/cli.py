@@ -114,7 +114,7 @@ examples:
   sudo klpfs selftests --fetch 6.1 --kernel 6.1                  # every script of Linux 6.1's tree
   sudo klpfs selftests --fetch 6.12 --kernel latest test-livepatch test-state
   sudo klpfs selftests --tree ~/linux/tools/testing/selftests/livepatch --kernel 6.1
-  klpfs selftests --stand-ins ~/linux/tools/testing/selftests/livepatch/test_modules
+  klpfs selftests --kernel 6.1 --test-modules ~/linux/tools/testing/selftests/livepatch/test_modules
 """
 
 
@@ -136,8 +136,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_selftests(args: argparse.Namespace) -> int:
     from klpfs.control import selftests
     try:
-        if args.stand_ins:
-            for path in selftests.write_stand_ins(Path(args.stand_ins)):
+        if args.test_modules:
+            for path in selftests.write_test_modules(Path(args.test_modules), args.kernel):
                 print(path)
             return 0
         if args.fetch:
@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
                      help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
     source = cmd.add_mutually_exclusive_group(required=True)
-    source.add_argument("--stand-ins", metavar="DIR",
-                        help="only write DIR/<mod>.ko stand-ins for the shipped selftest modules (a tree's "
+    source.add_argument("--test-modules", metavar="DIR",
+                        help="only write the shipped selftest modules as DIR/<mod>.ko for the profile (a tree's "
                              "test_modules/, to run its scripts by hand under klpfs run), then exit")
     source.add_argument("--tree", metavar="DIR",
                         help="a kernel tree's tools/testing/selftests/livepatch directory")

@@ -15,18 +15,6 @@ from typing import Any
 ELF_MAGIC = b"\x7fELF"
 
 
-def is_stand_in(path: Path) -> bool:
-    """A selftest tree's `test_modules/<mod>.ko` stand-in (klpfs.control.selftests): a text file
-    that names klpfs's module of that name, not a module file itself."""
-    from klpfs.control.selftests import STAND_IN
-    prefix = STAND_IN.split("{", 1)[0].encode()
-    try:
-        with path.open("rb") as f:
-            return f.read(len(prefix)) == prefix
-    except OSError:
-        return False
-
-
 def is_ko(path: Path, data: bytes) -> bool:
     """A kernel module file: named .ko, or an ELF file whatever its name."""
     return path.suffix == ".ko" or data.startswith(ELF_MAGIC)

@@ -32,11 +32,8 @@ def find_module_file(name: str, search: list[Path] | None = None) -> Path | None
 
 
 def module_files(directory: Path) -> list[Path]:
-    """The module files in a directory: TOML, Python and .ko files (not selftest stand-ins,
-    which name a module rather than being one)."""
-    from klpfs.control.modrequest import is_stand_in
-    kos = [p for p in directory.glob("*.ko") if not is_stand_in(p)]
-    return [*directory.glob("*.toml"), *directory.glob("*.py"), *kos]
+    """The module files in a directory: TOML, Python and .ko files."""
+    return [*directory.glob("*.toml"), *directory.glob("*.py"), *directory.glob("*.ko")]
 
 
 def list_samples() -> list[Path]:

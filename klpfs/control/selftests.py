@@ -6,9 +6,9 @@ package (`--fetch 6.1`): downloaded with apt-get, only the selftest
 directory extracted, and cached.  Each script runs in a scratch copy of the
 directory under its own `klpfs run`, a fresh emulated kernel: the shims give
 it insmod/modprobe/modinfo/dmesg/uname, and the copy gets
-`test_modules/<mod>.ko` stand-ins that name the shipped module of that name
-(newer trees look for them), so the scripts find, inspect and load their
-modules as on a real kernel.
+`test_modules/<mod>.ko`: each shipped selftest module written out as a
+genuine .ko for the profile (`klpfs ko`), which newer trees look for, so the
+scripts find, inspect and load their modules as on a real kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from klpfs.control.samples import list_samples, module_stem
+from klpfs.profiles import get_profile
 
 SELFTESTS = "tools/testing/selftests/livepatch"
 NOT_EMULATED = {
@@ -30,7 +31,6 @@ NOT_EMULATED = {
     "test-kprobe.sh": "kprobes are not emulated",
 }
 """Scripts reported rather than run, and why."""
-STAND_IN = "klpfs stand-in for the module {name}: `insmod` under `klpfs run` loads klpfs's module of that name\n"
 
 
 def cache_root() -> Path:
@@ -74,24 +74,25 @@ def fetch_source(version: str, wanted: tuple[str, ...] = (SELFTESTS,), cache: Pa
     return root
 
 
-def write_stand_ins(directory: Path) -> list[Path]:
-    """test_modules/<mod>.ko for each shipped selftest module, in directory (made if missing)."""
+def write_test_modules(directory: Path, kernel: str) -> list[Path]:
+    """<mod>.ko of each shipped selftest module for the profile, in directory (made if missing)."""
+    from klpfs.elf.writer import write_ko_file
     directory.mkdir(parents=True, exist_ok=True)
+    profile = get_profile(kernel)
     written = []
     for path in list_samples():
         name = module_stem(path.name)
-        if name.startswith("test_klp"):
-            target = directory / f"{name}.ko"
-            target.write_text(STAND_IN.format(name=name))
+        if name.startswith("test_klp") and path.suffix == ".py":
+            target = write_ko_file(path, profile, directory / f"{name}.ko")
             written.append(target)
     return written
 
 
-def prepare(tree: Path, workdir: Path) -> Path:
-    """A scratch copy of the selftest directory with test_modules/<mod>.ko stand-ins."""
+def prepare(tree: Path, workdir: Path, kernel: str) -> Path:
+    """A scratch copy of the selftest directory with its test_modules/<mod>.ko."""
     copy = workdir / "livepatch"
     shutil.copytree(tree, copy)
-    write_stand_ins(copy / "test_modules")
+    write_test_modules(copy / "test_modules", kernel)
     return copy
 
 
@@ -114,7 +115,7 @@ def run(tree: Path, kernel: str, chosen: list[str]) -> int:
     results: list[tuple[str, str]] = []
     klpfs = [sys.executable, "-m", "klpfs"]
     with tempfile.TemporaryDirectory(prefix="klpfs-selftests-") as tmp:
-        copy = prepare(tree, Path(tmp))
+        copy = prepare(tree, Path(tmp), kernel)
         for name in names:
             if name in NOT_EMULATED:
                 print(f"# {name}: not emulated: {NOT_EMULATED[name]}", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from klpfs.control.client import ControlError, request, stream
 from klpfs.control.commands import format_record, print_lsmod
 from klpfs.control.modfile import ModuleFileError, load_module_file
-from klpfs.control.modrequest import insmod_file_args, is_ko, is_stand_in
+from klpfs.control.modrequest import insmod_file_args, is_ko
 from klpfs.elf.kmod import KoError
 from klpfs.elf.kmod import modinfo_fields as ko_modinfo_fields
 from klpfs.modules.pymodule import PyModuleError, read_modinfo
@@ -47,7 +47,7 @@ def _search() -> list[Path]:
 def _resolve(name: str) -> Path | None:
     """A module file for NAME: the file itself if it is one, else by module name."""
     path = Path(name)
-    if path.suffix in (".toml", ".py", ".ko") and path.is_file() and not is_stand_in(path):
+    if path.suffix in (".toml", ".py", ".ko") and path.is_file():
         return path
     return find_module_file(module_stem(name), _search())
 
