@@ -29,10 +29,10 @@ ls /sys/kernel/livepatch | wc -l
 """
 
 
-def test_unload_all_retries_while_in_use() -> None:
+def test_unload_all_retries_while_in_use(tmp_path) -> None:
     require_fuse()
     env = {**os.environ, "KLPFS": f"{sys.executable} -m klpfs"}   # the CLI, as the tool's operator runs it
     res = subprocess.run([*KLPFS, "run", "--kernel", "6.1", "--", "bash", "-c", UNLOAD_ALL], capture_output=True,
-                         text=True, timeout=6 * DEADLINE, env=env)
+                         text=True, timeout=6 * DEADLINE, env=env, cwd=tmp_path)
     assert res.stdout == "rmmod: ERROR: Module livepatch_sample is in use\nunloaded after retrying\n0\n", res.stderr
     assert res.returncode == 0
