@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -326,6 +327,9 @@ def uname(argv: list[str]) -> int:
 
 
 def main(tool: str, argv: list[str]) -> int:
+    # A reader that stops early (`modinfo X | head -3`) ends the tool by SIGPIPE, as it
+    # ends kmod's C tools, not with a Python traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return TOOLS[tool](argv)
     except (NoDaemon, ControlError) as e:
