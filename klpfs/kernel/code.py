@@ -134,11 +134,12 @@ class CodeRunner:
         self._lines = 0
         self._tracing = 0
         self._atomic = 0
+        """Engine operations under way that called into module code: nobody may sleep."""
         self.next_state: dict[int, str] = {}
         """set_current_state() of a task, for its next schedule()."""
         self._ready: deque[Callable[[], None]] = deque()
+        """Switches into code that was started or woken by other code, to run soon."""
         self._draining = False
-        """Engine operations under way that called into module code: nobody may sleep."""
 
     # -- starting and switching ------------------------------------------------
 
