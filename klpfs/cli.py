@@ -43,6 +43,9 @@ options (-o, comma separated, repeatable):
   procunion=DIR
              proc/ is also the procfs mounted at DIR, whose processes become
              tasks of the emulated kernel (what `klpfs run` uses)
+  hostkernel=DIR
+             sys/kernel/ also has an empty entry for each of DIR's that the emulator
+             lacks, to bind DIR's onto (what `klpfs run` does with /sys/kernel)
   anything else is passed to libfuse, after the defaults
   fsname=klpfs,subtype=klpfs,default_permissions,allow_other,auto_unmount
   (as a non-root user, allow_other needs user_allow_other in /etc/fuse.conf)
@@ -60,11 +63,15 @@ def kernel_version(value: str) -> str:
 class Daemon:
     """What ``klpfs mount`` serves: the emulated system and its control socket."""
 
-    def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0, procunion: str | None = None) -> None:
+    def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0, procunion: str | None = None,
+                 host_kernel: str | None = None) -> None:
         # Imported here, in the daemon after the fork: the engine is not needed before.
         from klpfs.system import System
         self.system: System = System(kernel_version=kernel, speed=speed)
         self.kernfs = self.system.kernfs
+        if host_kernel is not None:
+            from klpfs.control.run import add_host_placeholders
+            add_host_placeholders(self.kernfs, self.system.kernel_kobj, host_kernel)
         self.mountpoint = mountpoint
         self.operations: KernfsOperations | None = None
         """proc/ as the union with the procfs at `procunion` (klpfs run); else plain kernfs."""
@@ -97,7 +104,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     except MountError as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
-    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed, options.procunion),
+    return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed, options.procunion,
+                                           options.host_kernel),
                  args.mountpoint, options, foreground=args.foreground)
 
 

@@ -1,14 +1,16 @@
 """`klpfs run -- COMMAND`: unmodified tools against the emulator at the real paths.
 
 In a private mount namespace: a daemon mounts the emulator on a scratch
-directory; /sys/kernel becomes a tmpfs holding the host's entries (bound
-back) plus the emulated `livepatch`; /sys/module likewise gets the emulated
-modules' directories as they load; shims for insmod, rmmod, modprobe, lsmod,
-modinfo and dmesg go first on PATH; /dev/kmsg is the emulated log's (for
-`echo ... > /dev/kmsg` and util-linux dmesg).  Then COMMAND runs in a PID
-namespace of its own, under a /proc that is the emulated kernel's and its
-own at once (pidns.py), and everything is torn down with the namespaces.
-The host's mount table is never touched.
+directory; /sys/kernel becomes the emulator's (its `livepatch`, its debugfs,
+its modules' kobjects), with the host's other entries bound onto stand-ins
+the daemon made for them, so it is a sysfs directory to `ls -la` too (size
+0, not a tmpfs's); /sys/module becomes a tmpfs holding the host's modules
+(bound back) and gets the emulated modules' directories as they load; shims
+for insmod, rmmod, modprobe, lsmod, modinfo and dmesg go first on PATH;
+/dev/kmsg is the emulated log's (for `echo ... > /dev/kmsg` and util-linux
+dmesg).  Then COMMAND runs in a PID namespace of its own, under a /proc that
+is the emulated kernel's and its own at once (pidns.py), and everything is
+torn down with the namespaces.  The host's mount table is never touched.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from pathlib import Path
 from klpfs.control import namespace
 from klpfs.fs.child import MountedChild, MountFailed
 from klpfs.profiles import get_profile
+from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 
 SHIMS = ("insmod", "rmmod", "modprobe", "lsmod", "modinfo", "dmesg", "uname")
 PROC_FILES = ("cmdline", "version", "meminfo", "modules", "kallsyms", "sys/kernel/tainted",
@@ -42,6 +46,9 @@ all modules:
 \t@echo "klpfs: modules for the emulated kernel are module files, not compiled" >&2; exit 1
 """
 STATE_ENV = "KLPFS_RUN_STATE"
+HOST_KERNEL = Path("/sys/kernel")
+EMULATED_SYS_KERNEL = frozenset({"livepatch", "debug"})
+"""The emulator's own entries of /sys/kernel, shown in place of any the host has."""
 
 
 class RunError(Exception):
@@ -120,14 +127,48 @@ def _write_shims(bindir: Path) -> None:
         shim.chmod(0o755)
 
 
+def add_host_placeholders(kernfs: Kernfs, directory: KernfsNode, host: str | Path) -> None:
+    """In the daemon (``-o hostkernel=``): an empty stand-in in `directory` for each
+    entry of `host` it lacks, of the same type and mode (a symlink is copied), for
+    `_expose` to bind the host's entry onto.  They are never removed: removing
+    one would unmount what is bound on it."""
+    for entry in sorted(os.scandir(host), key=lambda entry: entry.name):
+        if kernfs.lookup(directory, entry.name) is not None:
+            continue
+        try:
+            if entry.is_symlink():
+                target = os.readlink(entry.path)
+                kernfs.create_link(directory, entry.name, lambda target=target: target)
+                continue
+            st = entry.stat()
+        except OSError:
+            continue  # gone meanwhile
+        if entry.is_dir():
+            kernfs.create_dir(directory, entry.name, stat.S_IMODE(st.st_mode))
+        else:
+            kernfs.create_file(directory, entry.name, stat.S_IMODE(st.st_mode), size=st.st_size)
+
+
+def _expose_sys_kernel(state: RunState) -> None:
+    """/sys/kernel: the emulator's (its livepatch, its debugfs with dynamic debug's
+    control file in place of the host's, its modules' kobjects), and on the daemon's
+    stand-ins the host's other entries (tracing, mm, security, ...), with what is
+    mounted below them."""
+    keep = state.workdir / "host-kernel"
+    keep.mkdir()
+    namespace.bind(HOST_KERNEL, keep)
+    namespace.bind(state.mountpoint / "sys/kernel", HOST_KERNEL)
+    for name in sorted(os.listdir(keep)):
+        source, target = keep / name, HOST_KERNEL / name
+        if name in EMULATED_SYS_KERNEL or source.is_symlink() or not os.path.lexists(target):
+            continue
+        namespace.bind(source, target)
+
+
 def _expose(state: RunState, release: str) -> None:
-    """/sys/kernel/livepatch, /sys/kernel/debug (the emulated debugfs: dynamic
-    debug's control file, in place of the host's), /sys/module/<emulated>, the
-    kernel's /proc files and /lib/modules/<release> at their real paths."""
-    namespace.overlay_dir(Path("/sys/kernel"), state.workdir / "host-kernel", skip={"livepatch", "debug"})
-    for name in ("livepatch", "debug"):
-        os.mkdir(f"/sys/kernel/{name}")
-        namespace.bind(state.mountpoint / "sys/kernel" / name, f"/sys/kernel/{name}")
+    """/sys/kernel, /sys/module/<emulated>, the kernel's /proc files and
+    /lib/modules/<release> at their real paths."""
+    _expose_sys_kernel(state)
     namespace.overlay_dir(Path("/sys/module"), state.workdir / "host-module", skip=set())
     state.sync_modules()
     for name in PROC_FILES:
@@ -174,7 +215,8 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     state.ns_proc.mkdir()
     log = open(state.workdir / "daemon.log", "w+b")
     try:
-        daemon = MountedChild(state.mountpoint, kernel, [*options, f"procunion={state.ns_proc}"], log, env)
+        daemon = MountedChild(state.mountpoint, kernel,
+                              [*options, f"procunion={state.ns_proc}", f"hostkernel={HOST_KERNEL}"], log, env)
     except MountFailed as e:
         raise RunError(str(e)) from None
     try:

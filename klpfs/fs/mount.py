@@ -66,14 +66,17 @@ class MountError(Exception):
 
 @dataclass
 class MountOptions:
-    """-o options: ``log=PATH``, ``speed=N`` and ``procunion=DIR`` are klpfs's own; the
-    rest go to libfuse."""
+    """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR`` and ``hostkernel=DIR`` are
+    klpfs's own; the rest go to libfuse."""
 
     fuse: set[str] = field(default_factory=lambda: set(FUSE_OPTIONS))
     log: str | None = None
     speed: float = 1.0
     procunion: str | None = None
     """A procfs to merge under the mount's proc/ (klpfs run's; see procunion.py)."""
+    host_kernel: str | None = None
+    """A /sys/kernel whose entries get empty stand-ins in sys/kernel, for klpfs run to bind
+    them onto (see klpfs.control.run.add_host_placeholders)."""
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> MountOptions:
@@ -91,6 +94,10 @@ class MountOptions:
                     if not arg:
                         raise MountError("procunion= needs a directory")
                     options.procunion = os.path.abspath(arg)
+                elif name == "hostkernel":
+                    if not arg:
+                        raise MountError("hostkernel= needs a directory")
+                    options.host_kernel = os.path.abspath(arg)
                 elif name == "speed":
                     try:
                         options.speed = float(arg)

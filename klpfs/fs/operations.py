@@ -12,7 +12,12 @@ What a process sees must be what it would see under /sys:
   a value changed in the background is read at once, never from page cache;
   like seq_file, a read at offset 0 runs show() and later reads continue
   from that snapshot;
-* a handle opened before its node was removed answers ENODEV;
+* splice, sendfile and copy_file_range, which since Linux 6.5 read even a
+  direct-I/O file through the page cache up to the kernel's idea of its size,
+  get the value too: `SpliceSizes` makes that size fit each open for reading,
+  and stat still shows the file's own;
+* a handle opened before its node was removed answers ENODEV, by read and by
+  splice (its cached pages are dropped);
 * chmod, chown, utime and truncate are accepted as sysfs accepts them
   (a truncate changes nothing); creating anything is refused as sysfs does;
 * a node with file operations of its own (dev/kmsg, see kmsg.py) skips
@@ -31,6 +36,7 @@ can be called directly, without FUSE (``ctx`` is unused and may be None).
 from __future__ import annotations
 
 import bisect
+import copy
 import errno
 import logging
 import os
@@ -43,7 +49,7 @@ import pyfuse3
 
 from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode, OpenFile
 
-from .invalidate import FuseNotifier, Invalidator
+from .invalidate import PAGE_CACHE_SPLICE, FuseNotifier, Invalidator, SpliceSizes
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,10 @@ _DOT, _DOTDOT = 1, 2
 _DEFAULT_POLLMASK = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 """DEFAULT_POLLMASK: what the kernel answers for a file system without poll."""
 
+SEQ_SIZE_BOUND = 1 << 30
+"""Longer than any seq_file show (kallsyms, dynamic_debug/control) or real /proc file
+read through a union: the size a splice is given to read one whole."""
+
 _T = TypeVar("_T")
 
 
@@ -67,6 +77,11 @@ def _checked(result: _T | int) -> _T:
     if isinstance(result, int) and result < 0:
         raise pyfuse3.FUSEError(-result)
     return result  # type: ignore[return-value]
+
+
+def _is_show_file(node: KernfsNode) -> bool:
+    """A regular file read through show(), not one with file operations of its own."""
+    return node.fops is None and stat.S_ISREG(node.mode)
 
 
 def _answer(exc: Exception, op: str, arg: object) -> pyfuse3.FUSEError:
@@ -88,13 +103,24 @@ class _Handle:
     then answers reads, writes and polls itself.
     """
 
-    __slots__ = ("node", "data", "inos", "file")
+    __slots__ = ("node", "data", "inos", "file", "reading", "truncating")
 
-    def __init__(self, node: KernfsNode, file: OpenFile | None = None) -> None:
+    def __init__(self, node: KernfsNode, file: OpenFile | None = None, reading: bool = False,
+                 truncating: bool = False) -> None:
         self.node = node
         self.data: bytes | list[KernfsNode] | None = None
         self.inos: list[int] = []
         self.file = file
+        self.reading = reading
+        """Opened for reading: counted by SpliceSizes until released."""
+        self.truncating = truncating
+        """Opened with O_TRUNC for writing, and SpliceSizes not told yet."""
+
+
+def size_bound(node: KernfsNode) -> int:
+    """No show of the file is longer, and no size we answer for it larger: a page
+    (Kernfs.read cuts a show below it), unless a seq_file's show, read whole."""
+    return SEQ_SIZE_BOUND if node.seq else max(node.size, PAGE_SIZE)
 
 
 class KernfsOperations(pyfuse3.Operations):
@@ -103,10 +129,16 @@ class KernfsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, kernfs: Kernfs, invalidator: Invalidator | None = None) -> None:
+    def __init__(self, kernfs: Kernfs, invalidator: Invalidator | None = None,
+                 page_cache_splice: bool | None = None) -> None:
+        """`page_cache_splice`: manage the kernel's file sizes for splice (SpliceSizes);
+        by default when this kernel needs it and a real one is told (no invalidator given)."""
         super().__init__()
         self.kernfs = kernfs
+        if page_cache_splice is None:
+            page_cache_splice = invalidator is None and PAGE_CACHE_SPLICE
         self.invalidator = invalidator if invalidator is not None else Invalidator(FuseNotifier())
+        self.sizes = SpliceSizes(self.invalidator, page_cache_splice)
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 0
@@ -144,6 +176,8 @@ class KernfsOperations(pyfuse3.Operations):
             self._attrs.pop(node.ino, None)
             if node.is_dir and node.parent is not None:
                 self._subdirs_changed(node.parent, -1)
+            if _is_show_file(node):
+                self.sizes.removed(node.ino, size_bound(node))
             self.invalidator.node_removed(node)
         except Exception:
             log.exception("following the removal of %r", node)
@@ -177,6 +211,14 @@ class KernfsOperations(pyfuse3.Operations):
             self._attrs[node.ino] = attrs
         return attrs
 
+    def _handing_out(self, node: KernfsNode) -> pyfuse3.EntryAttributes:
+        """The attributes a lookup, getattr, readdir or setattr answers (see SpliceSizes)."""
+        attrs = self._attr(node)
+        if _is_show_file(node) and self.sizes.handing_out(node.ino, attrs.st_size, size_bound(node)):
+            attrs = copy.copy(attrs)
+            attrs.attr_timeout = 0
+        return attrs
+
     def _inode(self, inode: int) -> KernfsNode:
         """A live node, or a removed one still open (fstat works on it)."""
         node = self.kernfs.get(inode)
@@ -188,9 +230,10 @@ class KernfsOperations(pyfuse3.Operations):
         # The kernel still had the dentry cached: ESTALE makes it look again.
         raise pyfuse3.FUSEError(errno.ESTALE)
 
-    def _open(self, node: KernfsNode, file: OpenFile | None = None) -> int:
+    def _open(self, node: KernfsNode, file: OpenFile | None = None, reading: bool = False,
+              truncating: bool = False) -> int:
         self._next_fh += 1
-        self._handles[self._next_fh] = _Handle(node, file)
+        self._handles[self._next_fh] = _Handle(node, file, reading, truncating)
         return self._next_fh
 
     # -- handlers -------------------------------------------------------------
@@ -208,17 +251,16 @@ class KernfsOperations(pyfuse3.Operations):
                     node = parent.parent or parent
                 else:
                     raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(node)
+            return self._handing_out(node)
         except Exception as exc:
             raise _answer(exc, "lookup", (parent_inode, name)) from None
 
     async def getattr(self, inode: int, ctx: object) -> pyfuse3.EntryAttributes:
         try:
-            attrs = self._attrs.get(inode)
             node = self.kernfs.get(inode)
             if node is not None and node.fops is not None:
                 node.fops.getattr(getattr(ctx, "pid", 0))
-            return attrs if attrs is not None else self._attr(self._inode(inode))
+            return self._handing_out(node if node is not None else self._inode(inode))
         except Exception as exc:
             raise _answer(exc, "getattr", inode) from None
 
@@ -253,7 +295,7 @@ class KernfsOperations(pyfuse3.Operations):
             if (fields.update_mode or fields.update_uid or fields.update_gid
                     or fields.update_atime or fields.update_mtime):
                 attrs.st_ctime_ns = attr.st_ctime_ns if fields.update_ctime else time.time_ns()
-            return attrs
+            return self._handing_out(node)
         except Exception as exc:
             raise _answer(exc, "setattr", inode) from None
 
@@ -270,8 +312,10 @@ class KernfsOperations(pyfuse3.Operations):
             err = Kernfs.open_check(node, want_read, want_write)
             if err:
                 raise pyfuse3.FUSEError(-err)
+            fh = self._open(node, reading=want_read, truncating=want_write and bool(flags & os.O_TRUNC))
+            self.sizes.opened(node.ino, size_bound(node), want_read)  # before fuse_open() drops pages
             fileinfo = self._fileinfo
-            fileinfo.fh = self._open(node)
+            fileinfo.fh = fh
             return fileinfo
         except Exception as exc:
             raise _answer(exc, "open", inode) from None
@@ -301,7 +345,11 @@ class KernfsOperations(pyfuse3.Operations):
             handle = self._handles[fh]
             if handle.file is not None:
                 return _checked(handle.file.write(off, buf))
-            result = Kernfs.write(handle.node, buf)
+            node = handle.node
+            result = Kernfs.write(node, buf)
+            if node.active:
+                self.sizes.written(node.ino, size_bound(node), off + max(result, 0))
+                await self._truncated(handle)
             if self.invalidator.pending:
                 await self.invalidator.settle()
             if result < 0:
@@ -310,13 +358,25 @@ class KernfsOperations(pyfuse3.Operations):
         except Exception as exc:
             raise _answer(exc, "write", fh) from None
 
+    async def _truncated(self, handle: _Handle) -> None:
+        """fuse_open() zeroed the kernel's size of an O_TRUNC open's file: tell SpliceSizes
+        at the first write, or at the release."""
+        if handle.truncating:
+            handle.truncating = False
+            await self.sizes.truncated(handle.node.ino, size_bound(handle.node))
+
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.file is not None:
-            try:
+        if handle is None:
+            return
+        try:
+            self.sizes.released(handle.node.ino, handle.reading)
+            if handle.node.active:
+                await self._truncated(handle)
+            if handle.file is not None:
                 handle.file.release()
-            except Exception as exc:
-                raise _answer(exc, "release", fh) from None
+        except Exception as exc:
+            raise _answer(exc, "release", fh) from None
 
     async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
                    ctx: object) -> int:
@@ -364,7 +424,7 @@ class KernfsOperations(pyfuse3.Operations):
                 child = listing[i]
                 if child.active and not pyfuse3.readdir_reply(
                         token, child.name.encode("utf-8", "surrogateescape"),
-                        self._attr(child), child.ino + _DOTDOT):
+                        self._handing_out(child), child.ino + _DOTDOT):
                     return
         except Exception as exc:
             raise _answer(exc, "readdir", fh) from None

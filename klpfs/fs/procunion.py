@@ -45,7 +45,7 @@ from klpfs.kernel.kernel import Kernel
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 
 from .caller import Callers
-from .operations import KernfsOperations, _answer
+from .operations import SEQ_SIZE_BOUND, KernfsOperations, _answer
 from .realtasks import RealTasks
 
 
@@ -123,6 +123,9 @@ class ProcUnionOperations(KernfsOperations):
         self._next_ino = UNION_INO_BASE
         self._next_union_fh = UNION_FH_BASE
         self._files: dict[int, int] = {}
+        self._sized: dict[int, tuple[int, bool]] = {}
+        """Handles of real files of size 0 (most of /proc): their inode and whether opened
+        for reading, for SpliceSizes, as the emulated files' are."""
         self._listings: dict[int, _Listing] = {}
         self._root = self._merged(proc, "")
         self._self = self._node(Kind.SELF, "self")
@@ -303,7 +306,7 @@ class ProcUnionOperations(KernfsOperations):
         """The reply to a lookup; a real entry's lookup count goes up."""
         node = self._resolve(target)
         if isinstance(node, KernfsNode):
-            return self._attr(node)
+            return self._handing_out(node)
         try:
             attrs = self._uattr(node, st)
         except BaseException:
@@ -322,7 +325,10 @@ class ProcUnionOperations(KernfsOperations):
             child = self._child(parent, name.decode("utf-8", "surrogateescape"))
             if child is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._entry(*child)
+            attrs = self._entry(*child)
+            if stat.S_ISREG(attrs.st_mode) and attrs.st_size == 0 and attrs.st_ino >= UNION_INO_BASE:
+                self.sizes.handing_out(attrs.st_ino, 0, SEQ_SIZE_BOUND)
+            return attrs
         except Exception as exc:
             raise _answer(exc, "lookup", (parent_inode, name)) from None
 
@@ -338,7 +344,10 @@ class ProcUnionOperations(KernfsOperations):
         if node is None:
             return await super().getattr(inode, ctx)
         try:
-            return self._uattr(node, None)
+            attrs = self._uattr(node, None)
+            if stat.S_ISREG(attrs.st_mode) and attrs.st_size == 0:
+                self.sizes.handing_out(node.ino, 0, SEQ_SIZE_BOUND)
+            return attrs
         except Exception as exc:
             raise _answer(exc, "getattr", inode) from None
 
@@ -397,8 +406,14 @@ class ProcUnionOperations(KernfsOperations):
             fd = os.open(self._real(node.rel),
                          (flags & _OPEN_FLAGS) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
             self._next_union_fh += 1
-            self._files[self._next_union_fh] = fd
-            return pyfuse3.FileInfo(fh=self._next_union_fh, direct_io=True, keep_cache=False)
+            fh = self._next_union_fh
+            self._files[fh] = fd
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # a splice reads it as an emulated file
+                reading = flags & os.O_ACCMODE != os.O_WRONLY
+                self._sized[fh] = (node.ino, reading)
+                self.sizes.opened(node.ino, SEQ_SIZE_BOUND, reading)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:
@@ -440,6 +455,9 @@ class ProcUnionOperations(KernfsOperations):
         fd = self._files.pop(fh, None)
         if fd is None:
             return await super().release(fh)
+        sized = self._sized.pop(fh, None)
+        if sized is not None:
+            self.sizes.released(*sized)
         try:
             os.close(fd)
         except OSError:
@@ -480,7 +498,7 @@ class ProcUnionOperations(KernfsOperations):
                 if isinstance(node, KernfsNode):
                     if not node.active:
                         continue
-                    attrs = self._attr(node)
+                    attrs = self._handing_out(node)
                 else:
                     try:
                         attrs = self._uattr(node, st)
