@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from klpfs.kernel.ftrace import SHOW_RI, SHOW_RID, SHOW_RIDOM
+from klpfs.kernel.oops import OOPS_4_16, OOPS_6_1, OOPS_6_12
+
 # Values of Profile.no_reliable_stack: what registration/enable does on an
 # arch without reliable stack traces (§3.1, §12.2, §12.4).
 ENOSYS_UNLESS_IMMEDIATE = "enosys-unless-immediate"
@@ -82,12 +85,28 @@ class Profile:
     """Livepatch's ftrace ops are permanent: ftrace_enabled cannot be turned off under a
     patch, and a patch cannot be enabled while it is off (-EBUSY) (5.5 on).  Before,
     turning it off silently stops every redirection."""
+    ftrace_save_regs: bool
+    """Livepatch's ftrace ops ask for FTRACE_OPS_FL_SAVE_REGS (an `R` in enabled_functions):
+    x86 before HAVE_DYNAMIC_FTRACE_WITH_ARGS (5.11)."""
+    ftrace_show: str
+    """The flags enabled_functions prints (klpfs.kernel.ftrace.SHOW_*): R and I; D from 5.5;
+    O and M from 6.4."""
+    trace_mode_read: int
+    """The mode of tracefs's read-only files: 0444, 0440 (TRACE_MODE_READ) from 5.16."""
+    oops_style: str
+    """How an oops reads (klpfs.kernel.oops.OOPS_*): "paging request" before 4.20, the #PF
+    lines after, "Oops: Oops:" with the UID and the spelled-out taints as on 6.12."""
     shadow_ctor_dtor: bool
     """klp_shadow_alloc takes a constructor, klp_shadow_free a destructor (4.17 on)."""
     vmlinux_name_check: bool
     """A module named vmlinux is refused by the livepatch coming hook (5.8 on)."""
     module_sig_messages: bool
     """The loader warns about unsigned modules (a distro kernel with CONFIG_MODULE_SIG)."""
+    module_force_unload: bool
+    """CONFIG_MODULE_FORCE_UNLOAD: `rmmod -f` (delete_module with O_TRUNC) removes a module
+    that is in use, tainting R.  Debian's kernels set it (4.16, 6.1, 6.11 here; the 6.1 and
+    6.12 kernels observed); Ubuntu's (4.15, 6.14) and Fedora's (5.1) leave it unset, and
+    there `rmmod -f` of a module in use fails as plain `rmmod` does."""
     # -- dynamic debug ----------------------------------------------------------------
     dyndbg: str
     """The lib/dynamic_debug.c the control file behaves as (klpfs.kernel.dyndbg_query.GENERATIONS):
@@ -126,19 +145,22 @@ LINUX_4_15 = Profile(
     stack_check_in_try_switch=False, cond_resched_switch=False,
     replaced_freed_after_callbacks=False,
     sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
-    ftrace_permanent=False, shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False,
+    ftrace_permanent=False, ftrace_save_regs=True, ftrace_show=SHOW_RI, trace_mode_read=0o444, oops_style=OOPS_4_16,
+    shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False, module_force_unload=False,
     dyndbg="4.15", livepatch_sources="4.15",
 )
 
 LINUX_4_16 = LINUX_4_15.derive(
     "4.16", "4.16.0-2-amd64",
     immediate=False, no_reliable_stack=ENOSYS, sysfs_signal=True, sysfs_force=True, force_marks=FORCE_GLOBAL,
+    module_force_unload=True,
 )
 
 LINUX_5_1 = LINUX_4_16.derive(
     "5.1", "5.1.20-300.fc30.x86_64",
     register_api=False, stacking_rule=False, atomic_replace=True, no_reliable_stack=EOPNOTSUPP,
     name_limits=True, sysfs_signal=False, force_marks=FORCE_LISTED, auto_signals=True, shadow_ctor_dtor=True,
+    module_force_unload=False, oops_style=OOPS_6_1,
     # 5.1's own transition.c is not at hand: its callsites are listed as 6.1's (5.1 still
     # prints the per-task lines through one `pr_debug("%s", err_buf)`, at other lines).
     livepatch_sources="6.1",
@@ -149,16 +171,18 @@ LINUX_6_1 = LINUX_5_1.derive(
     system_states=True, ftrace_permanent=True, no_reliable_stack=WARN, ksym_name_len=512, null_checks_first=True,
     force_marks=FORCE_REMOVED,
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
-    sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True,
+    sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True, module_force_unload=True,
+    ftrace_save_regs=False, ftrace_show=SHOW_RID, trace_mode_read=0o440,
     dyndbg="6.1", vermagic_flags="SMP preempt mod_unload modversions ", module_layout_crc=0xBCE1A965,
 )
 
 # 6.11's callsites are 6.12's: its transition.c already has the cond_resched()
 # switching (6.4) that moved them from where 6.1 has them.
 LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True,
-                              dyndbg="6.12", livepatch_sources="6.12", module_layout_crc=None)
+                              dyndbg="6.12", livepatch_sources="6.12", module_layout_crc=None,
+                              ftrace_show=SHOW_RIDOM, oops_style=OOPS_6_12)
 
-LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True)
+LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True, module_force_unload=False)
 
 PROFILES: dict[str, Profile] = {p.version: p for p in (LINUX_4_15, LINUX_4_16, LINUX_5_1, LINUX_6_1,
                                                        LINUX_6_11, LINUX_6_14)}

@@ -17,6 +17,7 @@ from klpfs.profiles import get_profile
 from klpfs.sysfs.debugfs import debugfs_mount, dynamic_debug_init_control
 from klpfs.sysfs.kernfs import Kernfs
 from klpfs.sysfs.module import ModuleSysfs
+from klpfs.sysfs.tracefs import tracefs_mounts
 
 
 class System:
@@ -27,6 +28,9 @@ class System:
         self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages,
                              speed=speed)
         self.kernel.dyndbg.features = GENERATIONS[self.profile.dyndbg]
+        self.kernel.oops_style = self.profile.oops_style
+        self.kernel.preemptible = "preempt" in self.profile.vermagic_flags.split()
+        self.kernel.modules.force_unload = self.profile.module_force_unload
         self.kernfs = Kernfs()
         root = self.kernfs.root
         sys_dir = self.kernfs.create_dir(root, "sys")
@@ -39,8 +43,12 @@ class System:
         """What loaded module code allocates (module files' `new`/`for_each`)."""
         proc = self.kernfs.create_dir(root, "proc", 0o555)
         self.procfs = ProcFs(self.kernfs, proc, self.kernel)
-        dynamic_debug_init_control(self.kernfs, debugfs_mount(self.kernfs, self.kernel_kobj), proc,
-                                   self.kernel.dyndbg)
+        debugfs = debugfs_mount(self.kernfs, self.kernel_kobj)
+        dynamic_debug_init_control(self.kernfs, debugfs, proc, self.kernel.dyndbg)
+        ftrace, kallsyms = self.kernel.ftrace, self.kernel.kallsyms
+        tracefs_mounts(self.kernfs, self.kernel_kobj, debugfs,
+                       lambda: ftrace.enabled_functions(kallsyms.lookup, self.profile.ftrace_show),
+                       self.profile.trace_mode_read)
         self.kmsg = Kmsg(self.kernel.log, self.kernel.now)
         self.kernfs.create_file(self.kernfs.create_dir(root, "dev"), "kmsg", 0o644, size=KMSG_SIZE,
                                 fops=self.kmsg)

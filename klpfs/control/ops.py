@@ -19,15 +19,16 @@ from klpfs.control.modload import build_module, check_profile
 from klpfs.elf.kmod import KoError, build_ko_module
 from klpfs.control.samples import module_stem
 from klpfs.modules.pymodule import PyModuleError, build_pymodule
-from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, Module, module_size
+from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, O_TRUNC, Module, module_size
+from klpfs.kernel.oops import PageFault
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
 from klpfs.livepatch.debug import livepatch_debug, set_livepatch_debug
 from klpfs.kernel.sched import (
-    IDLE_REST_FRAMES, KTHREAD_BASE, REST_FRAMES, SLEEP_FRAMES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind)
+    KTHREAD_BASE, SLEEP_PRIMITIVES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind,
+    stack_trace_save_tsk)
 from klpfs.system import System
 
 Reply = dict[str, Any]
-SCHED_FRAMES = {*REST_FRAMES, *IDLE_REST_FRAMES, *(f for frames in SLEEP_FRAMES.values() for f in frames)}
 
 
 def ok(**fields: Any) -> Reply:
@@ -116,18 +117,21 @@ class Control:
         """Fields and APIs that do not exist in the running kernel (the .ko would not build)."""
         check_profile(mf, self.system.profile)
 
-    async def rmmod(self, name: str) -> Reply:
+    async def rmmod(self, name: str, flags: int = 0) -> Reply:
+        """delete_module(name, flags) by a short-lived `rmmod` process; a module in use is
+        refused before that (`in_use`, as kmod's rmmod checks the refcount), unless the
+        flags force it (O_TRUNC: `rmmod -f`), which the kernel then decides."""
         name = module_stem(name)
         modules = self.kernel.modules
         mod = modules.find_module(name)
         if mod is None:
             return fail(errno.ENOENT, not_loaded=True, name=name)
-        if mod.refcnt:
+        if mod.refcnt and not flags & O_TRUNC:
             return fail(errno.EWOULDBLOCK, in_use=True, name=name)
         kernel = self.kernel
         task = kernel.spawn_user("rmmod", DELETE_MODULE_STACK)
         try:
-            ret = await modules.delete_module_as(task, name)
+            ret = await modules.delete_module_as(task, name, flags)
         finally:
             if not task.exited:
                 kernel.sched.exit(task)
@@ -172,8 +176,10 @@ class Control:
         return sym
 
     def task_info(self, task: Task) -> Reply:
-        frames = self.kernel.sched.stack(task)
-        inner = next((s for s in reversed(frames) if s.name not in SCHED_FRAMES), None)
+        """`where`: the first function of the task's /proc/<pid>/stack that is not a sleeping
+        primitive (msleep): what it sleeps or runs in, as that file shows it."""
+        trace = stack_trace_save_tsk(self.kernel.sched.stack(task))
+        inner = next((s for s in trace if s.name not in SLEEP_PRIMITIVES), None)
         where = "" if inner is None else inner.name + (f" [{inner.module}]" if inner.module else "")
         state = "R" if self.kernel.sched.task_curr(task) else task.state
         return {"pid": task.pid, "comm": task.comm, "kind": task.kind.value, "state": state,
@@ -255,6 +261,12 @@ class Control:
                 reply = await reply
         except Failure as f:
             return f.reply
+        except PageFault as fault:
+            # A call into a force-removed patch module's code: the oops is the caller's (the
+            # console shell stands for it), and the request fails.
+            console = self.kernel.console
+            fault.die(console.pid, console.comm, console.cpu)
+            return fail(errno.EFAULT, str(fault))
         return reply
 
 

@@ -47,7 +47,7 @@ all modules:
 """
 STATE_ENV = "KLPFS_RUN_STATE"
 HOST_KERNEL = Path("/sys/kernel")
-EMULATED_SYS_KERNEL = frozenset({"livepatch", "debug"})
+EMULATED_SYS_KERNEL = frozenset({"livepatch", "debug", "tracing"})
 """The emulator's own entries of /sys/kernel, shown in place of any the host has."""
 
 
@@ -151,8 +151,8 @@ def add_host_placeholders(kernfs: Kernfs, directory: KernfsNode, host: str | Pat
 
 def _expose_sys_kernel(state: RunState) -> None:
     """/sys/kernel: the emulator's (its livepatch, its debugfs with dynamic debug's
-    control file in place of the host's, its modules' kobjects), and on the daemon's
-    stand-ins the host's other entries (tracing, mm, security, ...), with what is
+    control file in place of the host's, its tracefs, its modules' kobjects), and on the
+    daemon's stand-ins the host's other entries (mm, security, ...), with what is
     mounted below them."""
     keep = state.workdir / "host-kernel"
     keep.mkdir()

@@ -114,11 +114,13 @@ def busybox_insmod(argv: list[str]) -> int:
 
 
 def busybox_rmmod(argv: list[str]) -> int:
-    """busybox rmmod: delete_module(O_NONBLOCK) of each name; strerror on failure."""
+    """busybox rmmod: delete_module(O_NONBLOCK|O_EXCL) of each name, O_TRUNC with -f;
+    strerror on failure."""
     status = 0
+    flags = os.O_NONBLOCK | os.O_EXCL | (os.O_TRUNC if any(a in ("-f", "--force") for a in argv) else 0)
     for name in (a for a in argv if not a.startswith("-")):
         stem = module_stem(name)
-        reply = request(None, "rmmod", name=stem)
+        reply = request(None, "rmmod", name=stem, flags=flags)
         if reply["ok"]:
             sync_after_module_change()
             continue
@@ -153,8 +155,10 @@ def insmod(argv: list[str]) -> int:
     return 0
 
 
-def _remove(name: str, tool: str) -> int:
-    reply = request(None, "rmmod", name=name)
+def _remove(name: str, tool: str, force: bool = False) -> int:
+    """kmod's removal: delete_module(O_NONBLOCK), with O_TRUNC when forced (KMOD_REMOVE_FORCE),
+    which also skips the in-use check."""
+    reply = request(None, "rmmod", name=name, flags=os.O_NONBLOCK | (os.O_TRUNC if force else 0))
     if reply["ok"]:
         sync_after_module_change()
         return 0
@@ -181,7 +185,7 @@ def rmmod(argv: list[str]) -> int:
         parser.add_argument(flag, long, action="store_true")
     parser.add_argument("modules", nargs="+")
     args = parser.parse_args(argv)
-    return max(_remove(name, "rmmod") for name in args.modules)
+    return max(_remove(name, "rmmod", args.force) for name in args.modules)
 
 
 def modprobe(argv: list[str]) -> int:

@@ -29,7 +29,10 @@ makes the kernel walk the path again and get ENOENT.  Missing names are
 never cached (ENOENT, not a zero inode).
 
 Each handler turns an unexpected exception into a logged EIO, so a bug in a
-show or store callback fails one syscall and the mount stays up.  Handlers
+show or store callback fails one syscall and the mount stays up.  A show or
+store that faults in the emulated kernel (klpfs.kernel.oops.PageFault: a
+force-removed patch module's attributes) is an oops of the process that
+opened the file, which is then killed, as the kernel kills it.  Handlers
 can be called directly, without FUSE (``ctx`` is unused and may be None).
 """
 
@@ -41,12 +44,14 @@ import errno
 import logging
 import os
 import select
+import signal
 import stat
 import time
 from typing import TypeVar
 
 import pyfuse3
 
+from klpfs.kernel.oops import PageFault
 from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode, OpenFile
 
 from .invalidate import PAGE_CACHE_SPLICE, FuseNotifier, Invalidator, SpliceSizes
@@ -103,11 +108,13 @@ class _Handle:
     then answers reads, writes and polls itself.
     """
 
-    __slots__ = ("node", "data", "inos", "file", "reading", "truncating")
+    __slots__ = ("node", "data", "inos", "file", "reading", "truncating", "pid")
 
     def __init__(self, node: KernfsNode, file: OpenFile | None = None, reading: bool = False,
-                 truncating: bool = False) -> None:
+                 truncating: bool = False, pid: int = 0) -> None:
         self.node = node
+        self.pid = pid
+        """The process that opened it (the FUSE caller): who oopses if a read or write faults."""
         self.data: bytes | list[KernfsNode] | None = None
         self.inos: list[int] = []
         self.file = file
@@ -231,10 +238,37 @@ class KernfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ESTALE)
 
     def _open(self, node: KernfsNode, file: OpenFile | None = None, reading: bool = False,
-              truncating: bool = False) -> int:
+              truncating: bool = False, pid: int = 0) -> int:
         self._next_fh += 1
-        self._handles[self._next_fh] = _Handle(node, file, reading, truncating)
+        self._handles[self._next_fh] = _Handle(node, file, reading, truncating, pid)
         return self._next_fh
+
+    def _oops(self, fault: PageFault, pid: int) -> pyfuse3.FUSEError:
+        """A show or store faulted in the kernel: the process in the system call oopses
+        (page_fault_oops()), so the oops is logged and the process killed with SIGKILL, as
+        make_task_dead() ends it; the call's own answer goes to nobody."""
+        fault.die(*self.oops_caller(pid))
+        if pid > 0:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return pyfuse3.FUSEError(errno.EFAULT)
+
+    def oops_caller(self, pid: int) -> tuple[int, str, int, int]:
+        """(pid, comm, cpu, uid) an oops names for process `pid` (a FUSE caller)."""
+        comm, uid = "?", 0
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f.read().decode(errors="replace").splitlines():
+                    key, _, value = line.partition(":")
+                    if key == "Name":
+                        comm = value.strip()
+                    elif key == "Uid" and len(value.split()) > 1:
+                        uid = int(value.split()[1])  # the effective one
+        except (OSError, ValueError):
+            pass
+        return pid, comm, 0, uid
 
     # -- handlers -------------------------------------------------------------
 
@@ -312,7 +346,8 @@ class KernfsOperations(pyfuse3.Operations):
             err = Kernfs.open_check(node, want_read, want_write)
             if err:
                 raise pyfuse3.FUSEError(-err)
-            fh = self._open(node, reading=want_read, truncating=want_write and bool(flags & os.O_TRUNC))
+            fh = self._open(node, reading=want_read, truncating=want_write and bool(flags & os.O_TRUNC),
+                            pid=getattr(ctx, "pid", 0))
             self.sizes.opened(node.ino, size_bound(node), want_read)  # before fuse_open() drops pages
             fileinfo = self._fileinfo
             fileinfo.fh = fh
@@ -329,7 +364,10 @@ class KernfsOperations(pyfuse3.Operations):
                 return _checked(await handle.file.read(off, size))
             data = handle.data
             if off == 0 or data is None:
-                data = Kernfs.read(handle.node)
+                try:
+                    data = Kernfs.read(handle.node)
+                except PageFault as fault:
+                    raise self._oops(fault, handle.pid) from None
                 if isinstance(data, int):
                     raise pyfuse3.FUSEError(-data)
                 handle.data = data
@@ -346,7 +384,10 @@ class KernfsOperations(pyfuse3.Operations):
             if handle.file is not None:
                 return _checked(handle.file.write(off, buf))
             node = handle.node
-            result = Kernfs.write(node, buf)
+            try:
+                result = Kernfs.write(node, buf)
+            except PageFault as fault:
+                raise self._oops(fault, handle.pid) from None
             if node.active:
                 self.sizes.written(node.ino, size_bound(node), off + max(result, 0))
                 await self._truncated(handle)

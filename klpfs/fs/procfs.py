@@ -14,9 +14,16 @@ from collections.abc import Callable
 
 from klpfs.fs.procpid import USER_HZ, task_stat, task_status
 from klpfs.kernel.kernel import Kernel
-from klpfs.kernel.module import module_size, taint_letters
+from klpfs.kernel.module import ModuleState, module_size, taint_letters
+from klpfs.kernel.oops import PageFault
 from klpfs.kernel.sched import Task, stack_lines
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
+
+MODULE_STATE_WORDS = {ModuleState.GOING: "Unloading", ModuleState.COMING: "Loading"}
+"""What m_show() says of a module that is not live."""
+PROC_READ_TRACE = ("seq_read", "proc_reg_read", "__vfs_read", "vfs_read", "SyS_read", "do_syscall_64",
+                   "entry_SYSCALL_64_after_hwframe")
+"""Where a read(2) of a /proc file calls its show function from, in the image's names."""
 
 # /proc files served by an emulated function of the same meaning.
 SHOW_FUNCTIONS = {
@@ -70,7 +77,13 @@ class ProcFs:
     def _call(self, func_name: str) -> str:
         kernel = self._kernel
         func = kernel.kallsyms.find(func_name)
-        return "" if func is None else kernel.call(func, kernel.console).output
+        if func is None:
+            return ""
+        try:
+            return kernel.call(func, kernel.console).output
+        except PageFault as fault:  # the reader's read(2) went through seq_read() to the function
+            fault.trace = (*fault.trace[:1], *PROC_READ_TRACE)
+            raise
 
     def _kallsyms(self) -> str:
         """/proc/kallsyms (s_show): vmlinux's functions, then each module's with its
@@ -96,7 +109,8 @@ class ProcFs:
             size = module_size(mod)
             letters = taint_letters(mod.taint_mask)
             taints = f" ({letters})" if letters else ""
-            lines.append(f"{mod.name} {size} {mod.refcnt} - {mod.state.name.capitalize()} 0x0000000000000000{taints}\n")
+            state = MODULE_STATE_WORDS.get(mod.state, "Live")
+            lines.append(f"{mod.name} {size} {mod.refcnt} - {state} 0x0000000000000000{taints}\n")
         return "".join(lines)
 
     def _task_event(self, event: str, task: Task) -> None:

@@ -385,6 +385,17 @@ class ProcUnionOperations(KernfsOperations):
         except Exception as exc:
             raise _answer(exc, "readlink", inode) from None
 
+    def oops_caller(self, pid: int) -> tuple[int, str, int, int]:
+        """A run's process oopses under its pid in the run's namespace, its task's CPU."""
+        _, comm, cpu, uid = super().oops_caller(pid)
+        ids = self._callers.ids(pid)
+        if ids is None:
+            return pid, comm, cpu, uid
+        if self._tasks.task(ids[0]) is None:
+            self._tasks.sync()  # a process seen for the first time
+        task = self._tasks.task(ids[0])
+        return ids[1], comm, task.cpu if task is not None else cpu, uid
+
     def _caller(self, host_tid: int) -> tuple[int, int]:
         """(tgid, tid) for self and thread-self, registering a process seen for the first time."""
         ids = self._callers.ids(host_tid)

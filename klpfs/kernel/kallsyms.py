@@ -70,6 +70,8 @@ class Kallsyms:
         self._starts: list[int] = []
         self._at: dict[int, KSym] = {}
         self._next_module_base = MODULES_TEXT
+        self._free_area: tuple[int, int] | None = None
+        """[start, end) of module_alloc()'s current span."""
 
     def add_object(self, module: str | None, funcs: list[FuncDef]) -> list[KSym]:
         """Lay out an object's functions one after another, as the linker would."""
@@ -87,6 +89,17 @@ class Kallsyms:
             addr += -(-f.size // FUNC_ALIGN) * FUNC_ALIGN
         self._by_object[module] = syms
         return syms
+
+    def module_alloc(self, size: int) -> int:
+        """Address space in the module area that holds no symbol (module_alloc() for an
+        ftrace trampoline): %pS of an address in it prints the bare address."""
+        if self._free_area is None or self._free_area[0] + size > self._free_area[1]:
+            base = self._next_module_base
+            self._next_module_base += MODULE_SPAN * (1 + size // MODULE_SPAN)
+            self._free_area = (base, self._next_module_base)
+        addr = self._free_area[0]
+        self._free_area = (addr + size, self._free_area[1])
+        return addr
 
     def remove_object(self, module: str) -> None:
         for sym in self._by_object.pop(module, []):

@@ -51,7 +51,7 @@ class Kernel:
         """pr_debug() callsites; System sets the profile's DdebugFeatures."""
         self.kallsyms = Kallsyms()
         self.kallsyms.add_object(None, self.image.functions)
-        self.ftrace = Ftrace(self._ftrace_location)
+        self.ftrace = Ftrace(self._ftrace_location, self.kallsyms.module_alloc)
         self.sched = Sched(self.timers, self.kallsyms, self.resolve, self.image.nr_cpus)
         self.code = CodeRunner(self)
         self.modules = ModuleLoader(self.kallsyms, self.printk, module_sig_messages,
@@ -61,6 +61,12 @@ class Kernel:
         self.sched.task_notifiers.append(self._task_event)
         self.kthreads = Kthreads(self)
         self.heap = Heap()
+        self.oops_style = "6.1"
+        """klpfs.kernel.oops.OOPS_*: System sets the profile's."""
+        self.preemptible = False
+        """CONFIG_PREEMPTION: an oops header says PREEMPT."""
+        self.die_counter = 0
+        """The [#N] of the last oops (__die_header())."""
         self._boot_tasks()
         self.log.caller_id = lambda: self.current.pid
 

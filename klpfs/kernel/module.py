@@ -94,18 +94,51 @@ class Module:
     dyndbg: list[Ddebug] = field(default_factory=list)
     """Its pr_debug() callsites (the __dyndbg section), registered while it is loaded."""
     core_size: int | None = None
-    """core_layout.size of a module loaded from a .ko (klpfs.elf.coresize); None: the sum of
-    its functions' sizes stands in."""
+    """core_layout.size of a module loaded from a .ko (klpfs.elf.coresize); None: a module
+    from a Python or TOML file, laid out by `source_layout`."""
     init_size: int = 0
     """init_layout.size of a .ko: counted until init has run and freed it."""
 
 
+PAGE_SIZE = 4096
+ELF64_SYM_SIZE = 24
+MOD_KALLSYMS_SIZE = 32
+"""sizeof(struct mod_kallsyms), which layout_symtab() puts in the init area."""
+
+
+def _page_align(size: int) -> int:
+    return -(-size // PAGE_SIZE) * PAGE_SIZE
+
+
+def source_layout(mod: Module) -> tuple[int, int]:
+    """(core_layout.size, init_layout.size) for a module from a Python or TOML file.
+
+    Such a module has no sections, so it is laid out as layout_sections() and
+    layout_symtab() (kernel/module/main.c, kernel/module/kallsyms.c) lay out the small C
+    module it stands for, as klpfs.elf.coresize does for a real .ko: its functions' text
+    (each at FUNC_ALIGN), read-only data (strings, __mcount_loc, notes) and writable data
+    (struct module, the klp structures), each group rounded up to a page, then the
+    symbols kallsyms keeps with their names and types, rounded up too.  A small module
+    thus shows 16384 in /proc/modules, as the kernel's samples do on a 6.1 kernel; the
+    init area (.init.text, the whole symbol table and struct mod_kallsyms) adds two
+    pages until init has run.
+    """
+    from klpfs.kernel.kallsyms import FUNC_ALIGN
+    text = sum(-(-sym.size // FUNC_ALIGN) * FUNC_ALIGN for sym in mod.symbols) or FUNC_ALIGN
+    names = [sym.name for sym in mod.symbols] + ["__this_module"]
+    # Elf64_Sym, the name and its NUL, the type byte; then the null symbol.
+    symtab = sum(ELF64_SYM_SIZE + len(name.encode()) + 2 for name in names) + ELF64_SYM_SIZE + 1
+    core = _page_align(text) + PAGE_SIZE + PAGE_SIZE + _page_align(symtab)
+    init = PAGE_SIZE + _page_align(symtab + MOD_KALLSYMS_SIZE)
+    return core, init
+
+
 def module_size(mod: Module) -> int:
     """The size /proc/modules and lsmod show (m_show): init + core layout, the init part
-    only until the module is live."""
-    if mod.core_size is None:
-        return sum(s.size for s in mod.symbols)
-    return mod.core_size + (mod.init_size if mod.state is not ModuleState.LIVE else 0)
+    only while init runs (do_init_module() frees it and zeroes its size, so a module being
+    removed shows its core alone)."""
+    core, init = (mod.core_size, mod.init_size) if mod.core_size is not None else source_layout(mod)
+    return core + (init if mod.state is ModuleState.COMING else 0)
 
 
 class ModuleLoader:
@@ -126,6 +159,11 @@ class ModuleLoader:
         self.sysfs_setup: list[Callable[[Module], None]] = []
         """Told when a module's /sys/module entry appears (mod_sysfs_setup)."""
         self.sysfs_teardown: list[Callable[[Module], None]] = []
+        self.free_notifiers: list[Callable[[Module], None]] = []
+        """Told when a module's memory is about to be freed (free_module): whatever still
+        points into it (a force-removed livepatch module's klp_patch) is left dangling."""
+        self.force_unload = False
+        """CONFIG_MODULE_FORCE_UNLOAD: delete_module(O_TRUNC) removes a module in use."""
 
     def parse_args(self, mod: Module, args: list[str]) -> int:
         """parse_args() of `insmod M name=value ...`: 0, or the first refusal's -errno, logged."""
@@ -252,19 +290,26 @@ class ModuleLoader:
         return self._free_going(mod)
 
     def _try_stop(self, name: str, flags: int) -> tuple[Module | None, int]:
+        """delete_module() up to marking the module GOING (kernel/module/main.c)."""
         mod = self.modules.get(name)
         if mod is None:
             return None, -errno.ENOENT
         if mod.state is not ModuleState.LIVE:
             return None, -errno.EBUSY
-        if mod.init is not None and mod.exit is None and not flags & O_TRUNC:
+        if mod.init is not None and mod.exit is None and not self._try_force_unload(flags):
             return None, -errno.EBUSY
-        if mod.refcnt and not flags & O_TRUNC:
+        if mod.refcnt and not self._try_force_unload(flags):  # try_stop_module()
             return None, -errno.EWOULDBLOCK
-        if mod.refcnt:
-            self._taint(mod, TAINT_FORCED_RMMOD, None, KERN_WARNING)
         mod.state = ModuleState.GOING
         return mod, 0
+
+    def _try_force_unload(self, flags: int) -> bool:
+        """try_force_unload(): O_TRUNC forces, tainting R, where the kernel has
+        CONFIG_MODULE_FORCE_UNLOAD; without it nothing is forced."""
+        if not self.force_unload or not flags & O_TRUNC:
+            return False
+        self.add_taint(TAINT_FORCED_RMMOD)
+        return True
 
     def _free_going(self, mod: Module) -> int:
         self._notify(ModuleState.GOING, mod)
@@ -288,6 +333,8 @@ class ModuleLoader:
             notifier(state, mod)
 
     def _free(self, mod: Module) -> None:
+        for notify in self.free_notifiers:
+            notify(mod)
         if mod.release is not None:
             mod.release()
         for teardown in self.sysfs_teardown:

@@ -43,6 +43,19 @@ SLEEP_FRAMES = {
     TASK_INTERRUPTIBLE: ("schedule_timeout", "schedule", "__schedule"),
     TASK_UNINTERRUPTIBLE: ("msleep", "schedule_timeout", "schedule", "__schedule"),
 }
+SCHED_TEXT = frozenset({
+    "__schedule", "schedule", "schedule_idle", "schedule_preempt_disabled", "schedule_timeout",
+    "schedule_hrtimeout_range", "do_nanosleep", "wait_for_completion", "__wait_for_common",
+    "mutex_lock", "__mutex_lock",
+})
+"""The image's functions that the kernel marks __sched (kernel/sched/core.c, kernel/time/timer.c,
+kernel/time/hrtimer.c, kernel/sched/completion.c, kernel/locking/mutex.c): they live in
+.sched.text, where in_sched_functions() finds them, so /proc/<pid>/stack never shows them."""
+SLEEP_PRIMITIVES = frozenset({"msleep", "msleep_interruptible"})
+"""Sleeping functions outside .sched.text: /proc/<pid>/stack starts with them (`msleep+0x29/0x40`
+on a 6.1 kernel), while `klpfs ps` names the function that called them."""
+MAX_STACK_TRACE_DEPTH = 64
+"""The entries proc_pid_stack() asks stack_trace_save_tsk() for (fs/proc/base.c)."""
 
 
 class TaskKind(enum.Enum):
@@ -393,8 +406,22 @@ def return_address(sym: KSym) -> int:
     return sym.addr + sym.size // 2
 
 
+def in_sched_functions(sym: KSym) -> bool:
+    """in_sched_functions(): the address is in vmlinux's .sched.text (a module has none)."""
+    return sym.module is None and sym.name in SCHED_TEXT
+
+
+def stack_trace_save_tsk(frames: list[KSym]) -> list[KSym]:
+    """What stack_trace_save_tsk() saves of a call chain (outermost first): the frames
+    innermost first, scheduler functions skipped (stack_trace_consume_entry_nosched),
+    at most MAX_STACK_TRACE_DEPTH.  The livepatch stack check sees every frame instead
+    (stack_trace_save_tsk_reliable)."""
+    return [sym for sym in reversed(frames) if not in_sched_functions(sym)][:MAX_STACK_TRACE_DEPTH]
+
+
 def stack_lines(frames: list[KSym]) -> list[str]:
-    """/proc/<pid>/stack lines, innermost first: "[<0>] %pB", the address hidden
-    and a module function followed by its module's name."""
+    """/proc/<pid>/stack lines of a call chain (outermost first), as proc_pid_stack()
+    prints what stack_trace_save_tsk() saved: "[<0>] %pB" innermost first, the address
+    hidden and a module function followed by its module's name."""
     return [f"[<0>] {sym.name}+{sym.size // 2:#x}/{sym.size:#x}" + (f" [{sym.module}]" if sym.module else "")
-            for sym in reversed(frames)]
+            for sym in stack_trace_save_tsk(frames)]

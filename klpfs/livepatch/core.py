@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from klpfs.kernel.kstrtox import kstrtobool
-from klpfs.kernel.module import MODULE_NAME_LEN, ModuleState
+from klpfs.kernel.module import MODULE_NAME_LEN, PAGE_SIZE, ModuleState
+from klpfs.kernel.oops import PageFault
 from klpfs.kernel.printk import KERN_ERR, KERN_NOTICE, KERN_WARNING
 from klpfs.kernel.sched import TIF_PATCH_PENDING
 from klpfs.kernel.timers import DelayedWork
@@ -33,6 +34,16 @@ from klpfs.livepatch.transition import (
 from klpfs.livepatch.state import klp_is_patch_compatible
 from klpfs.profiles import ENOSYS, ENOSYS_UNLESS_IMMEDIATE, EOPNOTSUPP
 from klpfs.sysfs.kobject import MODE_RO, MODE_RW, MODE_WO, Attribute, kobject_add
+
+SYSFS_FAULT_OFFSET = 0x1d
+"""Where sysfs_kf_seq_show() faults reading a freed kobject's ktype (sysfs_file_ops()): the RIP
+a 6.12 kernel printed; sysfs_kf_write() reads the same field first thing too."""
+READ_TRACE = ("seq_read", "__vfs_read", "vfs_read", "SyS_read", "do_syscall_64", "entry_SYSCALL_64_after_hwframe")
+WRITE_TRACE = ("kernfs_fop_write", "__vfs_write", "vfs_write", "SyS_write", "do_syscall_64",
+               "entry_SYSCALL_64_after_hwframe")
+"""The call traces of those faults, from read(2) and write(2), in the image's function names."""
+KOBJ_KTYPE_OFFSET = 0x58
+"""offsetof(struct klp_patch, kobj.ktype) on x86-64 (include/linux/livepatch.h, kobject.h)."""
 
 if TYPE_CHECKING:
     from klpfs.kernel.kernel import Kernel
@@ -67,6 +78,7 @@ class Livepatch:
         self.klp_root_kobj = kernfs.create_dir(kernel_kobj, "livepatch")
         kernel.modules.klp_coming = self.klp_module_coming
         kernel.modules.klp_going = self.klp_module_going
+        kernel.modules.free_notifiers.append(self._module_freed)
         kernel.sched.exit_work[TIF_PATCH_PENDING] = lambda task: klp_update_patch_state(self, task)
         if profile.cond_resched_switch:
             kernel.sched.resched_work[TIF_PATCH_PENDING] = lambda task: klp_cond_resched_switch(self, task)
@@ -190,19 +202,54 @@ class Livepatch:
                     obj.funcs.append(KlpFunc(old_func.old_name, None, old_func.old_sympos, nop=True))
 
     def _patch_attrs(self, patch: KlpPatch) -> Iterator[Attribute]:
-        yield Attribute("enabled", MODE_RW, lambda: f"{int(patch.enabled)}\n",
-                        lambda buf: self._enabled_store(patch, buf))
-        yield Attribute("transition", MODE_RO, lambda: f"{int(patch is self.klp_transition_patch)}\n")
+        attrs = [Attribute("enabled", MODE_RW, lambda: f"{int(patch.enabled)}\n",
+                           lambda buf: self._enabled_store(patch, buf)),
+                 Attribute("transition", MODE_RO, lambda: f"{int(patch is self.klp_transition_patch)}\n")]
         if self.profile.sysfs_signal:
-            yield Attribute("signal", MODE_WO, store=lambda buf: self._transition_action_store(
-                patch, buf, klp_send_signals))
+            attrs.append(Attribute("signal", MODE_WO, store=lambda buf: self._transition_action_store(
+                patch, buf, klp_send_signals)))
         if self.profile.sysfs_force:
-            yield Attribute("force", MODE_WO, store=lambda buf: self._transition_action_store(
-                patch, buf, klp_force_transition))
+            attrs.append(Attribute("force", MODE_WO, store=lambda buf: self._transition_action_store(
+                patch, buf, klp_force_transition)))
         if self.profile.sysfs_replace:
-            yield Attribute("replace", MODE_RO, lambda: f"{int(patch.replace)}\n")
+            attrs.append(Attribute("replace", MODE_RO, lambda: f"{int(patch.replace)}\n"))
         if self.profile.sysfs_stack_order:
-            yield Attribute("stack_order", MODE_RO, lambda: f"{self._stack_order(patch)}\n")
+            attrs.append(Attribute("stack_order", MODE_RO, lambda: f"{self._stack_order(patch)}\n"))
+        return (self._faulting(patch, attr) for attr in attrs)
+
+    def _faulting(self, patch: KlpPatch, attr: Attribute) -> Attribute:
+        """The attribute of one of the patch's kobjects, which live in its module's memory:
+        once that is freed under it (`rmmod -f`), sysfs_kf_seq_show() and sysfs_kf_write()
+        fault reading the kobject's ktype (sysfs_file_ops()) before any show or store runs."""
+        def show() -> str:
+            if patch.freed_at:
+                raise PageFault(self.kernel, patch.freed_at, "sysfs_kf_seq_show", SYSFS_FAULT_OFFSET, READ_TRACE)
+            assert attr.show is not None
+            return attr.show()
+
+        def store(buf: bytes) -> int:
+            if patch.freed_at:
+                raise PageFault(self.kernel, patch.freed_at, "sysfs_kf_write", SYSFS_FAULT_OFFSET, WRITE_TRACE)
+            assert attr.store is not None
+            return attr.store(buf)
+
+        return Attribute(attr.name, attr.mode, show if attr.show is not None else None,
+                         store if attr.store is not None else None)
+
+    def _module_freed(self, mod: Module) -> None:
+        """free_module() of a patch module whose patch is still registered (only `rmmod -f`
+        gets there): the klp_patch, its objects and their kobjects were in the module's
+        data, and the sysfs tree still points at them."""
+        for patch in self.klp_patches:
+            if patch.mod is mod and not patch.freed_at:
+                base = min((sym.addr for sym in mod.symbols), default=0)
+                end = max((sym.addr + sym.size for sym in mod.symbols), default=base)
+                text = -(-(end - base) // PAGE_SIZE) * PAGE_SIZE
+                # The klp_patch first in .data, after the text and the read-only data pages.
+                patch.freed_at = base + text + PAGE_SIZE + KOBJ_KTYPE_OFFSET
+                for obj in patch.objs or ():
+                    for func in obj.funcs or ():
+                        func.freed_at = patch.freed_at
 
     def _stack_order(self, patch: KlpPatch) -> int:
         """1-based position on the list, oldest first; a patch already off the
@@ -214,9 +261,9 @@ class Livepatch:
                 break
         return order
 
-    def _object_attrs(self, obj: KlpObject) -> Iterator[Attribute]:
+    def _object_attrs(self, patch: KlpPatch, obj: KlpObject) -> Iterator[Attribute]:
         if self.profile.sysfs_patched:
-            yield Attribute("patched", MODE_RO, lambda: f"{int(obj.patched)}\n")
+            yield self._faulting(patch, Attribute("patched", MODE_RO, lambda: f"{int(obj.patched)}\n"))
 
     def _klp_init_object(self, patch: KlpPatch, obj: KlpObject) -> int:
         if obj.funcs is None:
@@ -231,7 +278,7 @@ class Livepatch:
                 obj.mod = mod
         assert patch.kobj is not None
         kobj = kobject_add(self.kernfs, patch.kobj, obj.display_name, self.kernel.printk,
-                           self._object_attrs(obj))
+                           self._object_attrs(patch, obj))
         if isinstance(kobj, int):
             return kobj
         obj.kobj = kobj

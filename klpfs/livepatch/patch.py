@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from klpfs.kernel.ftrace import FTRACE_OPS_FL_IPMODIFY, FTRACE_OPS_FL_PERMANENT, FtraceOps
+from klpfs.kernel.ftrace import FTRACE_OPS_FL_IPMODIFY, FTRACE_OPS_FL_PERMANENT, FTRACE_OPS_FL_SAVE_REGS, FtraceOps
+from klpfs.kernel.oops import PageFault
 from klpfs.kernel.printk import KERN_ERR
+from klpfs.kernel.sched import stack_trace_save_tsk
 from klpfs.livepatch.structs import KLP_UNPATCHED, KlpFunc, KlpObject, KlpOps, KlpPatch
 
 if TYPE_CHECKING:
@@ -21,11 +23,20 @@ def klp_find_ops(lp: Livepatch, old_addr: int) -> KlpOps | None:
     return None
 
 
-def klp_ftrace_handler(ops: KlpOps, ip: int, task: Task) -> int | None:
-    """Which function runs instead of ip for this task (the §6.3 table)."""
+def klp_ftrace_handler(ops: KlpOps, ip: int, task: Task, lp: Livepatch | None = None) -> int | None:
+    """Which function runs instead of ip for this task (the §6.3 table).
+
+    A func whose module `rmmod -f` freed is still on the stack: reading it faults,
+    and the caller of the patched function oopses."""
     if not ops.func_stack:
         return None
     func = ops.func_stack[0]
+    if func.freed_at and lp is not None:
+        kernel = lp.kernel
+        trace = [func.old_name or "?"] + [sym.name for sym in stack_trace_save_tsk(kernel.sched.stack(task))]
+        sym = kernel.kallsyms.find("klp_ftrace_handler")
+        raise PageFault(kernel, func.freed_at, "klp_ftrace_handler", sym.size // 2 if sym is not None else 0,
+                        trace)
     # A task not yet switched keeps the code it had: the entry below, or
     # the original when there is none.  -1 (no transition) counts as patched.
     if func.transition and task.patch_state == KLP_UNPATCHED:
@@ -52,7 +63,11 @@ def klp_patch_func(lp: Livepatch, func: KlpFunc) -> int:
         lp.pr(KERN_ERR, f"failed to find location for function '{func.old_name}'")
         return -errno.EINVAL
     flags = FTRACE_OPS_FL_IPMODIFY | (FTRACE_OPS_FL_PERMANENT if lp.profile.ftrace_permanent else 0)
-    ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(ops, ip, task), flags), [func])
+    if lp.profile.ftrace_save_regs:
+        flags |= FTRACE_OPS_FL_SAVE_REGS
+    handler = lp.kernel.kallsyms.find("klp_ftrace_handler")
+    ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(ops, ip, task, lp), flags,
+                           handler.addr if handler is not None else 0), [func])
     lp.klp_ops.append(ops)
     ret = ftrace.set_filter_ip(ops.fops, ftrace_loc)
     if ret:

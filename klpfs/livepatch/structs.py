@@ -39,6 +39,9 @@ class KlpFunc:
     transition: bool = False
     nop: bool = False
     """An atomic-replace placeholder: runs the original function (5.1, §12.4)."""
+    freed_at: int = 0
+    """Nonzero once `rmmod -f` freed the module holding it while its patch was registered:
+    the ftrace handler, still finding it on the func stack, faults reading it."""
 
     @property
     def kobj_name(self) -> str:
@@ -99,6 +102,9 @@ class KlpPatch:
     enabled: bool = False
     forced: bool = False
     """This patch's module is never released (5.1's per-patch klp_forced)."""
+    freed_at: int = 0
+    """Where its kobject was, once `rmmod -f` freed the module holding this klp_patch while
+    it was registered: the sysfs tree stays and points into freed memory (0: alive)."""
 
     @property
     def name(self) -> str:

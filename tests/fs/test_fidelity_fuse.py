@@ -292,12 +292,12 @@ def test_ls_la_under_klpfs_run_shows_sysfs_sizes() -> None:
 
 
 def test_the_hosts_sys_kernel_entries_still_work_under_klpfs_run() -> None:
-    """Every entry of the host's /sys/kernel but livepatch and debug (the emulator's) is
-    the host's, with what is mounted below it (here a tmpfs over mm, in a private
-    mount namespace the run starts from)."""
+    """Every entry of the host's /sys/kernel but livepatch, debug and tracing (the
+    emulator's) is the host's, with what is mounted below it (here a tmpfs over mm, in
+    a private mount namespace the run starts from)."""
     require_fuse()
     host = {name: Path("/sys/kernel", name) for name in os.listdir("/sys/kernel")
-            if name not in ("livepatch", "debug")}
+            if name not in ("livepatch", "debug", "tracing")}
     files = [name for name in STABLE_HOST_FILES if name in host]
     dirs = sorted(name for name, path in host.items() if path.is_dir() and not path.is_symlink())
     script = (f"ls -a /sys/kernel; echo ==; cd /sys/kernel && cat {' '.join(files)}; echo ==; "
@@ -309,12 +309,12 @@ def test_the_hosts_sys_kernel_entries_still_work_under_klpfs_run() -> None:
                          capture_output=True, text=True, timeout=6 * DEADLINE)
     assert res.returncode == 0, res.stderr
     names, contents, counts, rest = res.stdout.split("==\n")
-    assert set(names.split()) == {".", "..", "livepatch", "debug", *host}
+    assert set(names.split()) == {".", "..", "livepatch", "debug", "tracing", *host}
     assert files and contents == "".join(Path("/sys/kernel", name).read_text() for name in files)
     expected = {d: len(os.listdir(Path("/sys/kernel", d))) for d in dirs}
     expected["mm"] = 1  # the tmpfs, with its marker
     assert dict((line.split()[0], int(line.split()[1])) for line in counts.splitlines()) == expected
-    assert rest == "dynamic_debug\nhere\n"
+    assert rest == "dynamic_debug\ntracing\nhere\n"
 
 
 def test_busybox_cat_of_proc_files_under_klpfs_run() -> None:

@@ -44,10 +44,22 @@ def test_stack_of_a_task_in_a_module_function(mount_klpfs) -> None:
     m = mount_klpfs(options=["speed=10"])
     klpfs(m, "insmod", "klp-busy")
     pid = next(line.split()[0] for line in klpfs(m, "ps").splitlines() if " klp_busy " in line)
+    # proc_pid_stack(): stack_trace_save_tsk() skips the scheduler's functions (.sched.text).
     assert (m.path / f"proc/{pid}/stack").read_text() == (
-        "[<0>] __schedule+0x450/0x8a0\n"
-        "[<0>] schedule+0x40/0x80\n"
-        "[<0>] schedule_timeout+0x150/0x2a0\n"
         "[<0>] busy_fn+0x20/0x40 [klp_busy]\n"
         "[<0>] kthread+0x9c/0x138\n"
         "[<0>] ret_from_fork+0x1a/0x35\n")
+
+
+def test_stack_of_a_kthread_in_msleep(mount_klpfs) -> None:
+    """As 6.1 shows a kthread sleeping in msleep(): msleep first, then its caller."""
+    m = mount_klpfs(kernel="6.1", options=["speed=10"])
+    pid = klpfs(m, "task", "add", "holder", "--kthread").strip()
+    klpfs(m, "task", "sleep", pid, "cmdline_proc_show")
+    assert m.run(["cat", f"proc/{pid}/stack"]).stdout == (
+        "[<0>] msleep+0x18/0x30\n"
+        "[<0>] cmdline_proc_show+0x15/0x2a\n"
+        "[<0>] kthread+0x9c/0x138\n"
+        "[<0>] ret_from_fork+0x1a/0x35\n")
+    assert [line.split()[-1] for line in klpfs(m, "ps").splitlines() if line.split()[0] == pid] == [
+        "cmdline_proc_show"]

@@ -120,10 +120,7 @@ done
     assert run.returncode == 0, run.stdout + run.stderr
     comm, pid = run.stdout.splitlines()[0].split()
     assert comm == "klp_busy" and int(pid) < 10000
-    assert run.stdout.splitlines()[1:] == [
-        "[<0>] __schedule+0x450/0x8a0",
-        "[<0>] schedule+0x40/0x80",
-        "[<0>] schedule_timeout+0x150/0x2a0",
+    assert run.stdout.splitlines()[1:] == [  # the scheduler's functions are not shown
         "[<0>] busy_fn+0x20/0x40 [klp_busy]",
         "[<0>] kthread+0x9c/0x138",
         "[<0>] ret_from_fork+0x1a/0x35"]
