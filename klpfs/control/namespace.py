@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
@@ -20,13 +21,40 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+CAP_SYS_ADMIN = 21
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def has_sys_admin() -> bool:
+    """Whether CAP_SYS_ADMIN is in the caller's effective set (CapEff of /proc/self/status)."""
+    effective = re.search(r"^CapEff:\s*([0-9a-f]+)$", Path("/proc/self/status").read_text(), re.M)
+    return effective is not None and bool(int(effective.group(1), 16) >> CAP_SYS_ADMIN & 1)
+
+
+class MissingCapability(PermissionError):
+    """EPERM from unshare() or mount() of a caller without CAP_SYS_ADMIN.
+
+    unshare_nsproxy_namespaces() (kernel/nsproxy.c) refuses every new
+    namespace, and path_mount() (fs/namespace.c, through may_mount()) every
+    mount, with EPERM when `ns_capable(..., CAP_SYS_ADMIN)` fails: root with
+    the capability dropped (`setpriv --bounding-set -sys_admin`) and a
+    container started without `--cap-add SYS_ADMIN` (whose seccomp profile
+    also answers EPERM) get there.  The message names what to add.  An EPERM
+    with the capability held (mount_too_revealing() refusing a procfs in a
+    user namespace) stays a plain OSError: adding the capability would not help.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EPERM, f"{what}: {os.strerror(errno.EPERM)}: CAP_SYS_ADMIN is missing "
+                                      "(run it as root with sudo, or give the container --cap-add SYS_ADMIN)")
 
 
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
+        if err == errno.EPERM and not has_sys_admin():
+            raise MissingCapability(what)
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 

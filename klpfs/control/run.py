@@ -204,7 +204,10 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     for directory in modules:
         if not Path(directory).is_dir():
             raise RunError(f"--modules {directory}: not a directory")
-    namespace.unshare_mounts()
+    try:
+        namespace.unshare_mounts()
+    except namespace.MissingCapability as exc:
+        raise RunError(exc.strerror) from None
     state = RunState(Path(tempfile.mkdtemp(prefix="klpfs-run-")))
     (state.workdir / "modules.json").write_text(json.dumps([os.path.abspath(d) for d in modules]))
     env = {**os.environ, "KLPFS_RUNTIME_DIR": str(state.workdir / "run"), "KLPFS_MOUNT": str(state.mountpoint),
