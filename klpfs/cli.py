@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from klpfs.control import commands as control
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
     from klpfs.system import System
 
 
+MAIN_EXAMPLES = """\
+examples:
+  klpfs mount /mnt/klp && cd /mnt/klp      start an emulated machine (klpfs mount --help)
+  klpfs insmod livepatch-sample            load the kernel's livepatch sample
+  klpfs wait                               until its transition is over
+  klpfs status                             patches, the transition, the tasks holding it
+  klpfs watch                              the transition live
+  klpfs umount /mnt/klp
+
+Every command has --help with examples: klpfs task sleep --help
+"""
+
+
 MOUNT_EXAMPLES = """\
 examples:
   klpfs mount /mnt/klp                     mount in the background (exit 0 once mounted)
@@ -33,6 +47,7 @@ examples:
   klpfs mount --kernel 4.16 /mnt/klp       emulate Linux 4.16 (signal and force attributes)
   klpfs mount -o log=/tmp/klpfs.log /mnt/klp
                                            keep the background daemon's log
+  klpfs mount -d /mnt/klp                  foreground, logging at debug level
   cat /mnt/klp/sys/kernel/livepatch/*/enabled
   klpfs umount /mnt/klp
 
@@ -46,9 +61,18 @@ options (-o, comma separated, repeatable):
   hostkernel=DIR
              sys/kernel/ also has an empty entry for each of DIR's that the emulator
              lacks, to bind DIR's onto (what `klpfs run` does with /sys/kernel)
+  debug      log at debug level (klpfs's and pyfuse3's messages; default: info)
   anything else is passed to libfuse, after the defaults
-  fsname=klpfs,subtype=klpfs,default_permissions,allow_other,auto_unmount
-  (as a non-root user, allow_other needs user_allow_other in /etc/fuse.conf)
+  fsname=klpfs,subtype=klpfs,default_permissions,auto_unmount, and allow_other
+  (every user may read the tree, as sysfs) where it is allowed: as root, or with
+  user_allow_other in /etc/fuse.conf
+
+under systemd (Type=notify), the daemon sends READY=1 to $NOTIFY_SOCKET once mounted:
+  see contrib/systemd/klpfs@.service
+
+signals to the daemon:
+  SIGINT, SIGTERM, SIGHUP, SIGQUIT   unmount and exit
+  SIGUSR1                            log the daemon's trio tasks (to stderr with -f, or log=)
 """
 
 
@@ -100,13 +124,13 @@ class Daemon:
 def _cmd_mount(args: argparse.Namespace) -> int:
     from klpfs.fs.mount import MountError, MountOptions, mount
     try:
-        options = MountOptions.parse(args.options)
+        options = MountOptions.parse([*args.options, *(["debug"] if args.debug else [])])
     except MountError as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
     return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed, options.procunion,
                                            options.host_kernel),
-                 args.mountpoint, options, foreground=args.foreground)
+                 args.mountpoint, options, foreground=args.foreground or args.debug)
 
 
 RUN_EXAMPLES = """\
@@ -158,11 +182,6 @@ def _cmd_selftests(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cmd_shim(args: argparse.Namespace) -> int:
-    from klpfs.control import shims
-    return shims.main(args.tool, args.args)
-
-
 def _cmd_umount(args: argparse.Namespace) -> int:
     from klpfs.fs.mount import MountError, unmount
     try:
@@ -177,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klpfs",
         description="The Linux kernel's live patching subsystem, emulated in user space "
-                    "and mounted as a file system.")
+                    "and mounted as a file system.",
+        epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cmd = commands.add_parser(
@@ -186,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MOUNT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("-f", "--foreground", action="store_true",
                      help="serve in the foreground, logging to stderr")
+    cmd.add_argument("-d", "--debug", action="store_true",
+                     help="log at debug level; implies -f, as for any FUSE file system (-o debug: "
+                          "debug level only)")
     cmd.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                      help="mount options (see below)")
     cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
@@ -241,11 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("tests", nargs="*", metavar="TEST", help="scripts to run, e.g. test-livepatch (default: all)")
     cmd.set_defaults(func=_cmd_selftests)
 
-    cmd = commands.add_parser("shim", help=argparse.SUPPRESS)
-    cmd.add_argument("tool", choices=sorted(SHIMS))
-    cmd.add_argument("args", nargs=argparse.REMAINDER)
-    cmd.set_defaults(func=_cmd_shim)
     return parser
+
+
+SHIM = "shim"
+"""`klpfs shim TOOL ARGS`: how the tools `klpfs run` puts on PATH call us (klpfs.control.run).
+Left out of the parser: it is no command for people, and argparse cannot hide a subcommand."""
 
 
 FSTAB_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "rw"}
@@ -274,9 +299,22 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     return main(["mount", "--kernel", kernel, *(["-o", ",".join(options)] if options else []), args.mountpoint])
 
 
+def version() -> str:
+    """The installed klpfs's version (pyproject.toml's)."""
+    try:
+        return metadata.version("klpfs")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in ("mount", "umount", "run", "shim", "selftests", "ko"):
-        return args.func(args)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == [SHIM] and len(arguments) > 1 and arguments[1] in SHIMS:
+        from klpfs.control import shims
+        return shims.main(arguments[1], arguments[2:])
+    args = build_parser().parse_args(arguments)
+    if args.command in ("mount", "umount", "run", "selftests", "ko"):
+        status: int = args.func(args)
+        return status
     return control.run(args)
 

@@ -15,23 +15,24 @@ module code that klpfs loaded.
 from __future__ import annotations
 
 import errno as _errno
+import math as _math
+import operator as _operator
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from klpfs.kernel import kthread as _kthread
 from klpfs.kernel import printk as _printk
 from klpfs.kernel import wait as _wait
 from klpfs.kernel import workqueue as _wq
 from klpfs.kernel.code import code_location
 from klpfs.kernel.kallsyms import KSym
 from klpfs.kernel.memory import Mem, addr_of
-from klpfs.kernel.module import Module, ModuleState
+from klpfs.kernel.module import PAGE_SIZE, Module, ModuleState
 from klpfs.kernel.params import PARAM_TYPES, ParamSpec
-from klpfs.kernel.printf import PrintfError, vsnprintf
+from klpfs.kernel.printf import KMALLOC_MAX_SIZE, vsnprintf
 from klpfs.kernel.sched import TASK_INTERRUPTIBLE, TASK_RUNNING, TASK_UNINTERRUPTIBLE, Task
 from klpfs.kernel.seq_file import SeqFile
-from klpfs.kernel.timers import HZ
+from klpfs.kernel.timers import HZ, LONG_MAX, MAX_JIFFY_OFFSET
 from klpfs.livepatch import state as _state
 from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
 from klpfs.modules.pydebug import module_callsite
@@ -112,15 +113,17 @@ class ModuleContext:
         self.kernel.printk(level, self.pr_text(fmt, args))
 
     def pr_text(self, fmt: str, args: tuple[Any, ...]) -> str:
-        """A pr_*() message: the module's pr_fmt() applied, formatted, without its newline."""
+        """A pr_*() message: the module's pr_fmt() applied, formatted, without its newline.
+        It is formatted after its KERN_<level> prefix, into the record's reserve."""
         pr_fmt = self.ns.get("pr_fmt")
         if callable(pr_fmt):
             fmt = pr_fmt(fmt)
-        text = self.format(fmt, args)
+        text = self.format(fmt, args, _printk.LOG_LINE_MAX - _printk.KERN_PREFIX_LEN)
         return text[:-1] if text.endswith("\n") else text
 
-    def format(self, fmt: str, args: tuple[Any, ...]) -> str:
-        return vsnprintf(fmt, args, self.symbol)
+    def format(self, fmt: str, args: tuple[Any, ...], size: int = KMALLOC_MAX_SIZE) -> str:
+        """vsnprintf() into a buffer of `size`: the largest kmalloc() buffer unless the call's is smaller."""
+        return vsnprintf(fmt, args, self.symbol, size)
 
     def symbol(self, addr: int) -> str:
         sym = self.kernel.kallsyms.lookup(addr)
@@ -134,7 +137,7 @@ def _ctx() -> ModuleContext:
     ctx = sys._getframe(2).f_globals.get("__klpfs__")
     if ctx is None:
         raise RuntimeError("klpfs.kapi is for module code that klpfs loads (klpfs insmod FILE.py)")
-    return ctx
+    return cast(ModuleContext, ctx)
 
 
 def _nearest_ctx() -> ModuleContext:
@@ -143,7 +146,7 @@ def _nearest_ctx() -> ModuleContext:
     while frame is not None:
         ctx = frame.f_globals.get("__klpfs__")
         if ctx is not None:
-            return ctx
+            return cast(ModuleContext, ctx)
         frame = frame.f_back  # type: ignore[assignment]
     raise RuntimeError("`current` and `jiffies` are only meaningful in module code")
 
@@ -310,8 +313,12 @@ def printk(fmt: str, *args: Any) -> None:
     """printk(KERN_INFO "..."): `printk(KERN_INFO + "...")`; no level is the default, KERN_WARNING."""
     level = KERN_LEVEL.get(fmt[:2])
     ctx = _ctx()
-    text = ctx.format(fmt[2:] if level is not None else fmt, args)
-    ctx.kernel.printk(_printk.KERN_WARNING if level is None else level, text.rstrip("\n"))
+    if level is None:
+        # No KERN_<level> prefix: the whole reserve holds text, at the default level.
+        ctx.kernel.log.emit(_printk.KERN_WARNING, ctx.format(fmt, args, _printk.LOG_LINE_MAX).rstrip("\n"))
+        return
+    text = ctx.format(fmt[2:], args, _printk.LOG_LINE_MAX - _printk.KERN_PREFIX_LEN)
+    ctx.kernel.printk(level, text.rstrip("\n"))
 
 
 def WARN_ON(condition: Any) -> bool:
@@ -345,12 +352,12 @@ class Buffer:
 
 def sprintf(buf: Buffer, fmt: str, *args: Any) -> int:
     """sprintf(buf, ...) into a show function's buffer; returns the length written."""
-    buf.text = _ctx().format(fmt, args)
+    buf.text = _ctx().format(fmt, args, PAGE_SIZE)
     return len(buf.text)
 
 
 def sysfs_emit(buf: Buffer, fmt: str, *args: Any) -> int:
-    buf.text = _ctx().format(fmt, args)[:4095]
+    buf.text = _ctx().format(fmt, args, PAGE_SIZE)
     return len(buf.text)
 
 
@@ -390,7 +397,7 @@ def task_pid_nr(task: Task) -> int:
     return task.pid
 
 
-def task_tgid_vnr(task: Any) -> int:
+def task_tgid_vnr(task: Task) -> int:
     return task.pid
 
 
@@ -443,12 +450,38 @@ CONSOLE_LOGLEVEL_DEFAULT = _printk.CONSOLE_LOGLEVEL_DEFAULT
 CONSOLE_LOGLEVEL_MOTORMOUTH = _printk.CONSOLE_LOGLEVEL_MOTORMOUTH
 
 
+def _c_integer(value: Any, api: str) -> int:
+    """A C integer argument: an int as it is, a float truncated as C converts it.
+    NaN and the infinities have no integer value (undefined behaviour in C): the
+    call fails with a ValueError naming it, which the module's code reports."""
+    if isinstance(value, float):
+        if not _math.isfinite(value):
+            raise ValueError(f"{api}: {value!r} is not a number a C integer can hold")
+        return int(value)
+    return _operator.index(value)
+
+
+def _c_unsigned(value: Any, bits: int, api: str) -> int:
+    """An unsigned C argument of `bits` bits: a negative or larger value wraps, as in C."""
+    return _c_integer(value, api) & ((1 << bits) - 1)
+
+
+def _to_jiffies(value: Any, unit: int, api: str) -> int:
+    """msecs_to_jiffies()/usecs_to_jiffies() (`unit` per second) of an unsigned int:
+    rounded up to whole jiffies; past jiffies_to_msecs(MAX_JIFFY_OFFSET) (an unsigned
+    int too, so truncated) it saturates at MAX_JIFFY_OFFSET."""
+    n = _c_unsigned(value, 32, api)
+    if n > (MAX_JIFFY_OFFSET * (unit // HZ)) & 0xFFFFFFFF:
+        return MAX_JIFFY_OFFSET
+    return -(-n * HZ // unit)
+
+
 def msecs_to_jiffies(msecs: int) -> int:
-    return -(-msecs * HZ // 1000)
+    return _to_jiffies(msecs, 1000, "msecs_to_jiffies")
 
 
 def usecs_to_jiffies(usecs: int) -> int:
-    return -(-usecs * HZ // 1_000_000)
+    return _to_jiffies(usecs, 1_000_000, "usecs_to_jiffies")
 
 
 def jiffies_to_msecs(j: int) -> int:
@@ -471,8 +504,13 @@ def time_before_eq(a: int, b: int) -> bool:
     return not time_after(a, b)
 
 
-def _seconds(timeout: int | None) -> float | None:
-    return None if timeout is None else max(0, int(timeout)) / HZ
+def _seconds(timeout: int | None, api: str) -> float | None:
+    """A timeout in jiffies (a signed long) as seconds; MAX_SCHEDULE_TIMEOUT (None, or
+    LONG_MAX and beyond, which a long cannot exceed) is no timeout at all."""
+    if timeout is None:
+        return None
+    jiffies = _c_integer(timeout, api)
+    return None if jiffies >= LONG_MAX else max(0, jiffies) / HZ
 
 
 def _jiffies_left(seconds: float | None) -> int:
@@ -506,40 +544,46 @@ def schedule_timeout(timeout: int | None) -> int:
     state = _next_state(ctx)
     if state == TASK_RUNNING:
         return int(timeout or 0)
-    return _jiffies_left(_wait.schedule_timeout(ctx.kernel, state, _seconds(timeout)))
+    return _jiffies_left(_wait.schedule_timeout(ctx.kernel, state, _seconds(timeout, "schedule_timeout")))
 
 
 def schedule_timeout_interruptible(timeout: int | None) -> int:
-    return _jiffies_left(_wait.schedule_timeout(_ctx().kernel, TASK_INTERRUPTIBLE, _seconds(timeout)))
+    seconds = _seconds(timeout, "schedule_timeout_interruptible")
+    return _jiffies_left(_wait.schedule_timeout(_ctx().kernel, TASK_INTERRUPTIBLE, seconds))
 
 
 def schedule_timeout_uninterruptible(timeout: int | None) -> int:
-    return _jiffies_left(_wait.schedule_timeout(_ctx().kernel, TASK_UNINTERRUPTIBLE, _seconds(timeout)))
+    seconds = _seconds(timeout, "schedule_timeout_uninterruptible")
+    return _jiffies_left(_wait.schedule_timeout(_ctx().kernel, TASK_UNINTERRUPTIBLE, seconds))
 
 
 def msleep(msecs: int) -> None:
-    _wait.msleep(_ctx().kernel, msecs)
+    """msleep(unsigned int msecs)."""
+    _wait.msleep(_ctx().kernel, _c_unsigned(msecs, 32, "msleep"))
 
 
 def msleep_interruptible(msecs: int) -> int:
-    return _wait.msleep(_ctx().kernel, msecs, interruptible=True)
+    return _wait.msleep(_ctx().kernel, _c_unsigned(msecs, 32, "msleep_interruptible"), interruptible=True)
 
 
 def ssleep(seconds: int) -> None:
-    _wait.msleep(_ctx().kernel, seconds * 1000)
+    """ssleep(unsigned int seconds): msleep(seconds * 1000), the product an unsigned int too."""
+    _wait.msleep(_ctx().kernel, _c_unsigned(_c_integer(seconds, "ssleep") * 1000, 32, "ssleep"))
 
 
 def usleep_range(min_us: int, max_us: int) -> None:
-    _wait.sleep(_ctx().kernel, TASK_UNINTERRUPTIBLE, min_us / 1_000_000, ("usleep_range_state", *_wait.SCHEDULE))
+    """usleep_range(unsigned long min, unsigned long max)."""
+    _wait.sleep(_ctx().kernel, TASK_UNINTERRUPTIBLE, _c_unsigned(min_us, 64, "usleep_range") / 1_000_000,
+                ("usleep_range_state", *_wait.SCHEDULE))
 
 
 def mdelay(msecs: int) -> None:
     """mdelay(): spin on the CPU (the task stays running) for the time."""
-    _wait.busy_wait(_ctx().kernel, msecs / 1000, "__const_udelay")
+    _wait.busy_wait(_ctx().kernel, _c_unsigned(msecs, 64, "mdelay") / 1000, "__const_udelay")
 
 
 def udelay(usecs: int) -> None:
-    _wait.busy_wait(_ctx().kernel, usecs / 1_000_000, "__const_udelay")
+    _wait.busy_wait(_ctx().kernel, _c_unsigned(usecs, 64, "udelay") / 1_000_000, "__const_udelay")
 
 
 def cond_resched() -> None:
@@ -603,7 +647,8 @@ def wait_for_completion_interruptible(x: _wait.Completion) -> int:
 
 def wait_for_completion_timeout(x: _wait.Completion, timeout: int) -> int:
     """The jiffies left (at least 1) when completed, 0 on timeout."""
-    return _jiffies_left(x.wait_for(_ctx().kernel, TASK_UNINTERRUPTIBLE, _seconds(timeout)))
+    seconds = _seconds(timeout, "wait_for_completion_timeout")
+    return _jiffies_left(x.wait_for(_ctx().kernel, TASK_UNINTERRUPTIBLE, seconds))
 
 
 def DECLARE_WAIT_QUEUE_HEAD() -> _wait.WaitQueueHead:
@@ -621,11 +666,13 @@ def wait_event_interruptible(wq: _wait.WaitQueueHead, condition: Callable[[], An
 
 
 def wait_event_timeout(wq: _wait.WaitQueueHead, condition: Callable[[], Any], timeout: int) -> int:
-    return _jiffies_left(_wait.wait_event(_ctx().kernel, wq, condition, TASK_UNINTERRUPTIBLE, _seconds(timeout)))
+    seconds = _seconds(timeout, "wait_event_timeout")
+    return _jiffies_left(_wait.wait_event(_ctx().kernel, wq, condition, TASK_UNINTERRUPTIBLE, seconds))
 
 
 def wait_event_interruptible_timeout(wq: _wait.WaitQueueHead, condition: Callable[[], Any], timeout: int) -> int:
-    return _jiffies_left(_wait.wait_event(_ctx().kernel, wq, condition, TASK_INTERRUPTIBLE, _seconds(timeout)))
+    seconds = _seconds(timeout, "wait_event_interruptible_timeout")
+    return _jiffies_left(_wait.wait_event(_ctx().kernel, wq, condition, TASK_INTERRUPTIBLE, seconds))
 
 
 def wake_up(wq: _wait.WaitQueueHead) -> None:
@@ -759,8 +806,11 @@ def schedule_work(work: _wq.Work) -> bool:
 
 
 def schedule_delayed_work(dwork: _wq.DelayedWork, delay: int) -> bool:
-    """delay in jiffies, as in C."""
-    return _wq.queue_delayed_work(_ctx().kernel, dwork, max(0, int(delay)) / HZ)
+    """delay in jiffies, as in C.  A negative one (an unsigned long past LONG_MAX) is in
+    the past to the timer wheel: the work is queued at once; a longer one than
+    MAX_JIFFY_OFFSET waits no longer than that."""
+    return _wq.queue_delayed_work(_ctx().kernel, dwork,
+                                  min(max(0, _c_integer(delay, "schedule_delayed_work")), MAX_JIFFY_OFFSET))
 
 
 def flush_work(work: _wq.Work) -> bool:
@@ -911,18 +961,21 @@ def sysfs_create_file(kobj: Kobject, attr: KobjAttribute) -> int:
     """The attribute's show/store run (guarded, as the reading or writing process) on each access."""
     ctx = _ctx()
     kernel = ctx.kernel
+    show_fn, store_fn = attr.show, attr.store
 
     def show() -> str:
         buf = Buffer()
-        kernel.code.guarded(attr.show, kobj, attr, buf, fallback=0)
+        assert show_fn is not None
+        kernel.code.guarded(show_fn, kobj, attr, buf, fallback=0)
         return buf.text
 
     def store(data: bytes) -> int:
-        ret = kernel.code.guarded(attr.store, kobj, attr, data.decode("utf-8", "replace"), len(data),
+        assert store_fn is not None
+        ret = kernel.code.guarded(store_fn, kobj, attr, data.decode("utf-8", "replace"), len(data),
                                   fallback=-_errno.EFAULT)
         return ret if isinstance(ret, int) else len(data)
-    ctx.system.kernfs.create_file(kobj.node, attr.name, attr.mode, show if attr.show else None,
-                                  store if attr.store else None)
+    ctx.system.kernfs.create_file(kobj.node, attr.name, attr.mode, show if show_fn else None,
+                                  store if store_fn else None)
     return 0
 
 
@@ -1076,8 +1129,9 @@ def klp_shadow_free_all(id: int, dtor: Any = None) -> None:
     _ctx().system.livepatch.shadow.klp_shadow_free_all(id, dtor)
 
 
-_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "unknown_symbols", "SHADOW_ARGS_BEFORE_4_17", "KERN_LEVEL",
-             "annotations", "sys", "Callable", "TYPE_CHECKING", "Any", "PrintfError", "code_location", "PARAM_TYPES",
+_INTERNAL = {"ModuleContext", "describe_fault", "check_symbols", "unknown_symbols", "SHADOW_ARGS_BEFORE_4_17",
+             "KERN_LEVEL", "annotations", "sys", "Callable", "TYPE_CHECKING", "Any", "cast", "PrintfError",
+             "code_location", "PARAM_TYPES",
              "ParamSpec", "KSym", "Module",
              "ModuleState", "Task", "SeqFile", "KlpCallbacks", "KlpFunc", "KlpObject", "KlpPatch", "KlpState",
              "Mem", "vsnprintf", "module_callsite"}

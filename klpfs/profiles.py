@@ -2,16 +2,88 @@
 
 The engine never asks "which version is this?"; it reads the switch for the
 behaviour in question.  Each release is its predecessor plus the changes
-that release made (spec §12 and the 6.1 observations), so a later profile
-is a `derive` away.
+that release made, so a later profile is a `derive` away.  The changes that
+came with a known upstream release are `Rule`s: each names that release, and
+every profile from it on has the change (and none before), whatever its
+predecessor said.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import enum
 from dataclasses import dataclass, replace
 
 from klpfs.kernel.ftrace import SHOW_RI, SHOW_RID, SHOW_RIDOM
 from klpfs.kernel.oops import OOPS_4_16, OOPS_6_1, OOPS_6_12
+
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    """"6.12" -> (6, 12): releases compare as numbers, not as text ("6.9" < "6.12")."""
+    return tuple(int(part) for part in release.split("."))
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one upstream commit changed, the release it came in and, if a later one undid
+    it, the first release without it."""
+
+    what: str
+    since: str | None = None
+    """None: older than any profile."""
+    until: str | None = None
+
+    def in_release(self, release: str) -> bool:
+        key = release_key(release)
+        return ((self.since is None or release_key(self.since) <= key)
+                and (self.until is None or key < release_key(self.until)))
+
+
+class Rule(enum.Enum):
+    """The kernel changes a profile takes from the release that brought them: every
+    profile of that release or a later one has the change, every earlier one lacks it."""
+
+    PAGE_FAULT_OOPS = Change(
+        since="4.20",
+        what="page_fault_oops(): \"BUG: unable to handle page fault for address:\" and the #PF lines, "
+             "where \"unable to handle kernel paging request\" was")
+    WATCHDOG_KTHREADS = Change(
+        until="4.19",
+        what="the softlockup watchdog runs as per-CPU kthreads, watchdog/N (4.19 moved it to the "
+             "stopper: softlockup_fn() on cpu_stop)")
+    RCU_BH_KTHREAD = Change(
+        until="4.20",
+        what="RCU-bh has a grace-period kthread of its own, rcu_bh (4.20 folded the flavours into one)")
+    CALL_PADDING = Change(
+        since="6.2",
+        what="CONFIG_CALL_PADDING: 16 bytes of padding before every function of vmlinux and of each "
+             "module, each with its __pfx_ symbol in kallsyms")
+    MODULE_MEMORY = Change(
+        since="6.4",
+        what="module_memory (ac3b43283923): a module's kept symbols are laid out in its data area, "
+             "no longer on pages of their own")
+    KLP_COND_RESCHED = Change(
+        since="6.4", until="6.16",
+        what="klp_start_transition() enables klp_cond_resched (e3ff7c609f39): a busy kthread switches "
+             "itself at cond_resched(), and rewriting the cond_resched static call IPIs every CPU, "
+             "which takes an idle CPU round do_idle() through its switch point before the first "
+             "klp_try_complete_transition()")
+    RET_FROM_FORK_ASM = Change(
+        since="6.5",
+        what="x86's ret_from_fork() in C (3aec4ecb3d1f), entered from ret_from_fork_asm: both "
+             "frames end a kthread's stack")
+    RESCUER_KWORKER = Change(
+        since="6.6",
+        what="a workqueue's rescuer is a kworker named kworker/R-<workqueue> (b6a46f7263bd), "
+             "no longer a kthread named after the workqueue")
+    VERBOSE_OOPS_HEADER = Change(
+        since="6.11",
+        what="die()'s header starts \"Oops: \" (f9f62a877da1, 6.10); dump_stack_print_info() prints "
+             "the UID and, on a line of their own, the taints spelled out (print_tainted_verbose()), "
+             "both 6.11")
+
 
 # Values of Profile.no_reliable_stack: what registration/enable does on an
 # arch without reliable stack traces (§3.1, §12.2, §12.4).
@@ -35,7 +107,7 @@ class Profile:
     version: str
     release: str
     """What `uname -r` reports: a release string a distribution shipped for that
-    kernel (4.15: Ubuntu 18.04; 4.16 and 6.1, 6.11: Debian; 5.1: Fedora 30;
+    kernel (4.15: Ubuntu 18.04; 4.16 and 6.1, 6.11, 6.12: Debian; 5.1: Fedora 30;
     6.14: Ubuntu 25.04), so tools parsing it meet the real shapes."""
     # -- patch structures and API --------------------------------------------
     immediate: bool
@@ -69,8 +141,6 @@ class Profile:
     """Fake signals every 15 unsuccessful retries, the first round announced (5.1 on)."""
     stack_check_in_try_switch: bool
     """All per-task debug lines name klp_try_switch_task (5.16 on, 6.1 observed)."""
-    cond_resched_switch: bool
-    """A busy kthread switches itself at cond_resched() when it is not in patched code (6.4 to 6.15)."""
     replaced_freed_after_callbacks: bool
     """Replaced patches are freed after the replace patch's post_patch callbacks (5.5 on)."""
     # -- sysfs ----------------------------------------------------------------------
@@ -93,9 +163,6 @@ class Profile:
     O and M from 6.4."""
     trace_mode_read: int
     """The mode of tracefs's read-only files: 0444, 0440 (TRACE_MODE_READ) from 5.16."""
-    oops_style: str
-    """How an oops reads (klpfs.kernel.oops.OOPS_*): "paging request" before 4.20, the #PF
-    lines after, "Oops: Oops:" with the UID and the spelled-out taints as on 6.12."""
     shadow_ctor_dtor: bool
     """klp_shadow_alloc takes a constructor, klp_shadow_free a destructor (4.17 on)."""
     vmlinux_name_check: bool
@@ -104,8 +171,8 @@ class Profile:
     """The loader warns about unsigned modules (a distro kernel with CONFIG_MODULE_SIG)."""
     module_force_unload: bool
     """CONFIG_MODULE_FORCE_UNLOAD: `rmmod -f` (delete_module with O_TRUNC) removes a module
-    that is in use, tainting R.  Debian's kernels set it (4.16, 6.1, 6.11 here; the 6.1 and
-    6.12 kernels observed); Ubuntu's (4.15, 6.14) and Fedora's (5.1) leave it unset, and
+    that is in use, tainting R.  Debian's kernels set it (4.16, 6.1, 6.11, 6.12 here; the 6.1
+    and 6.12 kernels observed); Ubuntu's (4.15, 6.14) and Fedora's (5.1) leave it unset, and
     there `rmmod -f` of a module in use fails as plain `rmmod` does."""
     # -- dynamic debug ----------------------------------------------------------------
     dyndbg: str
@@ -114,6 +181,10 @@ class Profile:
     livepatch_sources: str
     """The kernel/livepatch sources whose pr_debug() line numbers and functions the control
     file lists (klpfs.livepatch.debug): "4.15", "6.1" or "6.12"."""
+    image: str
+    """The observed kernel whose vmlinux the emulated one follows (klpfs.kernel.image): its
+    kernel threads after boot and, where observed, its functions' sizes: "4.15" (the
+    default image), "6.1" or "6.12"."""
     # -- module files (.ko) ----------------------------------------------------------
     vermagic_flags: str = "SMP mod_unload modversions "
     """What follows the release in VERMAGIC_STRING (include/linux/vermagic.h): `preempt`
@@ -122,6 +193,26 @@ class Profile:
     module_layout_crc: int | None = None
     """The CRC of `module_layout` (check_modstruct_version) when known: Debian 6.1.0-50-amd64's
     Module.symvers; None: a module's is not checked."""
+    package_id: str = ""
+    """LINUX_PACKAGE_ID, which Debian's kernels print after the build number where a stack
+    dump names the kernel (dump_stack_print_info()); "" where it was not observed."""
+
+    def has(self, rule: Rule) -> bool:
+        """Does this release have the change `rule` stands for?"""
+        return rule.value.in_release(self.version)
+
+    @property
+    def cond_resched_switch(self) -> bool:
+        """A busy kthread switches itself at cond_resched() when it is not in patched code."""
+        return self.has(Rule.KLP_COND_RESCHED)
+
+    @property
+    def oops_style(self) -> str:
+        """How an oops reads (klpfs.kernel.oops.OOPS_*): "paging request" before 4.20, the #PF
+        lines after, "Oops: Oops:" with the UID and the spelled-out taints from 6.11."""
+        if self.has(Rule.VERBOSE_OOPS_HEADER):
+            return OOPS_6_12
+        return OOPS_6_1 if self.has(Rule.PAGE_FAULT_OOPS) else OOPS_4_16
 
     @property
     def vermagic(self) -> str:
@@ -133,7 +224,7 @@ class Profile:
         """`1` to a disabled patch's `enabled` enables it again (only while patches stay registered)."""
         return self.register_api
 
-    def derive(self, version: str, release: str, **changes: object) -> Profile:
+    def derive(self, version: str, release: str, **changes: Any) -> Profile:
         return replace(self, version=version, release=release, **changes)
 
 
@@ -142,12 +233,12 @@ LINUX_4_15 = Profile(
     immediate=True, register_api=True, stacking_rule=True, atomic_replace=False, system_states=False,
     no_reliable_stack=ENOSYS_UNLESS_IMMEDIATE, name_limits=False, ksym_name_len=128, null_checks_first=False,
     sysfs_signal=False, sysfs_force=False, force_marks=FORCE_NONE, auto_signals=False,
-    stack_check_in_try_switch=False, cond_resched_switch=False,
+    stack_check_in_try_switch=False,
     replaced_freed_after_callbacks=False,
     sysfs_patched=False, sysfs_replace=False, sysfs_stack_order=False,
-    ftrace_permanent=False, ftrace_save_regs=True, ftrace_show=SHOW_RI, trace_mode_read=0o444, oops_style=OOPS_4_16,
+    ftrace_permanent=False, ftrace_save_regs=True, ftrace_show=SHOW_RI, trace_mode_read=0o444,
     shadow_ctor_dtor=False, vmlinux_name_check=False, module_sig_messages=False, module_force_unload=False,
-    dyndbg="4.15", livepatch_sources="4.15",
+    dyndbg="4.15", livepatch_sources="4.15", image="4.15",
 )
 
 LINUX_4_16 = LINUX_4_15.derive(
@@ -160,7 +251,7 @@ LINUX_5_1 = LINUX_4_16.derive(
     "5.1", "5.1.20-300.fc30.x86_64",
     register_api=False, stacking_rule=False, atomic_replace=True, no_reliable_stack=EOPNOTSUPP,
     name_limits=True, sysfs_signal=False, force_marks=FORCE_LISTED, auto_signals=True, shadow_ctor_dtor=True,
-    module_force_unload=False, oops_style=OOPS_6_1,
+    module_force_unload=False,
     # 5.1's own transition.c is not at hand: its callsites are listed as 6.1's (5.1 still
     # prints the per-task lines through one `pr_debug("%s", err_buf)`, at other lines).
     livepatch_sources="6.1",
@@ -173,19 +264,24 @@ LINUX_6_1 = LINUX_5_1.derive(
     stack_check_in_try_switch=True, replaced_freed_after_callbacks=True,
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True, module_force_unload=True,
     ftrace_save_regs=False, ftrace_show=SHOW_RID, trace_mode_read=0o440,
-    dyndbg="6.1", vermagic_flags="SMP preempt mod_unload modversions ", module_layout_crc=0xBCE1A965,
+    dyndbg="6.1", image="6.1", vermagic_flags="SMP preempt mod_unload modversions ", module_layout_crc=0xBCE1A965,
 )
 
 # 6.11's callsites are 6.12's: its transition.c already has the cond_resched()
-# switching (6.4) that moved them from where 6.1 has them.
-LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", cond_resched_switch=True, sysfs_replace=True,
-                              dyndbg="6.12", livepatch_sources="6.12", module_layout_crc=None,
-                              ftrace_show=SHOW_RIDOM, oops_style=OOPS_6_12)
+# switching (6.4) that moved them from where 6.1 has them.  Its vmlinux, and
+# 6.14's, follow the 6.12 kernel observed, the nearest one.
+LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", sysfs_replace=True,
+                              dyndbg="6.12", livepatch_sources="6.12", image="6.12", module_layout_crc=None,
+                              ftrace_show=SHOW_RIDOM)
+
+# Debian's 6.12 LTS (Debian 13, and 12's backports), as observed: what it shows beyond
+# 6.11 came with earlier releases (the Rules) or is its own build (sizes, tasks).
+LINUX_6_12 = LINUX_6_11.derive("6.12", "6.12.118+deb12-amd64", package_id=" Debian 6.12.118-1~deb12u1")
 
 LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True, module_force_unload=False)
 
 PROFILES: dict[str, Profile] = {p.version: p for p in (LINUX_4_15, LINUX_4_16, LINUX_5_1, LINUX_6_1,
-                                                       LINUX_6_11, LINUX_6_14)}
+                                                       LINUX_6_11, LINUX_6_12, LINUX_6_14)}
 DEFAULT = LINUX_4_15.version
 LATEST = LINUX_6_14.version
 

@@ -5,7 +5,7 @@ for it.  Needs root and /dev/fuse; the test is skipped where they are missing.
 
     def test_my_tool(klpfs_emulator):
         klpfs_emulator.insmod("livepatch-sample")
-        klpfs_emulator.wait_for("sys/kernel/livepatch/livepatch_sample/transition", "0")
+        klpfs_emulator.wait()                      # as `klpfs wait`: the transition is over
         assert klpfs_emulator.read("proc/cmdline") == "this has been live patched\\n"
 
     @pytest.mark.klpfs(kernel="6.1", speed=10)
@@ -20,21 +20,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from klpfs.control.client import request
+from klpfs.control.client import Client, Refused
+from klpfs.control.lpview import transition_lines
+from klpfs.control.replies import LivepatchState
 from klpfs.control.samples import find_module_file
 from klpfs.fs.child import DEADLINE, MountedChild
 
-
-class KlpfsError(Exception):
-    """The emulator refused a request; `errno` is the kernel's answer."""
-
-    def __init__(self, reply: dict[str, Any]):
-        super().__init__(reply["error"])
-        self.errno: int = reply["errno"]
+KlpfsError = Refused
+"""The emulator refused a request: `errno` is the kernel's answer (klpfs.control.client.Refused)."""
 
 
 class Emulator:
@@ -43,15 +39,11 @@ class Emulator:
     def __init__(self, path: Path, kernel: str):
         self.path = path
         self.kernel = kernel
+        self.client = Client(str(path))
+        """The typed control client (klpfs.control.client.Client) of this emulator."""
 
     def __truediv__(self, relative: str) -> Path:
         return self.path / relative
-
-    def _request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        reply = request(str(self.path), cmd, **args)
-        if not reply["ok"]:
-            raise KlpfsError(reply)
-        return reply
 
     def read(self, relative: str) -> str:
         return (self.path / relative).read_text()
@@ -73,40 +65,51 @@ class Emulator:
                 raise AssertionError(f"{relative} did not read {value!r} within {timeout}s")
             time.sleep(0.01)
 
+    def wait(self, timeout: float = DEADLINE) -> None:
+        """Until no transition is under way, as `klpfs wait`; AssertionError naming the
+        tasks that hold it if it is still under way after `timeout` seconds."""
+        state = self.client.wait(timeout)
+        if state.transition is not None:
+            raise AssertionError("\n".join([f"the transition was still under way after {timeout}s:",
+                                            *transition_lines(state.transition, state.now, stacks=True)]))
+
+    def status(self) -> LivepatchState:
+        """The patches and the transition, as `klpfs status --json` has them."""
+        return self.client.livepatch()
+
     def insmod(self, module: str, *params: str) -> None:
         """Load a module file, or a shipped sample by name."""
         path = find_module_file(module)
         if path is None:
             raise FileNotFoundError(module)
-        self._request("insmod", path=str(path), text=path.read_text(), params=list(params))
+        self.client.insmod(path, params)
 
     def rmmod(self, name: str) -> None:
-        self._request("rmmod", name=name)
+        self.client.rmmod(name)
 
     def lsmod(self) -> list[str]:
-        return [m["name"] for m in self._request("lsmod")["modules"]]
+        return [m.name for m in self.client.lsmod()]
 
     def dmesg(self) -> list[str]:
-        return [r["text"] for r in self._request("dmesg")["records"]]
+        return [r.text for r in self.client.dmesg()]
 
     def debug(self, enable: bool) -> None:
-        self._request("debug", enable=enable)
+        self.client.debug(enable)
 
     def add_task(self, comm: str, kthread: bool = False) -> int:
-        reply = self._request("task_add", comm=comm, kind="kthread" if kthread else "user", ppid=None)
-        return reply["task"]["pid"]
+        return self.client.task_add(comm, kthread).pid
 
     def sleep_in(self, pid: int, function: str, seconds: float | None = None) -> None:
         """Make task `pid` call `function` and sleep inside it (holding a transition)."""
-        self._request("task_sleep", pid=pid, func=function, seconds=seconds, interruptible=False)
+        self.client.task_sleep(pid, function, seconds)
 
     def wake(self, pid: int) -> None:
-        self._request("task_wake", pid=pid)
+        self.client.task_wake(pid)
 
     def call(self, function: str, pid: int | None = None) -> tuple[str, str]:
         """(the implementation that answered, its output)."""
-        reply = self._request("call", func=function, pid=pid)
-        return reply["impl"], reply["output"]
+        result = self.client.call(function, pid)
+        return result.impl.name, result.output
 
 
 def pytest_configure(config: pytest.Config) -> None:

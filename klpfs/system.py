@@ -10,10 +10,12 @@ from __future__ import annotations
 from klpfs.fs.kmsg import KMSG_SIZE, Kmsg
 from klpfs.fs.procfs import ProcFs
 from klpfs.kernel.dyndbg_query import GENERATIONS
+from klpfs.kernel.kallsyms import FUNCTION_PADDING_BYTES
 from klpfs.kernel.kernel import Kernel
 from klpfs.livepatch.core import Livepatch
 from klpfs.modules.program import Structures
-from klpfs.profiles import get_profile
+from klpfs.profile_image import boot_image, fork_frames
+from klpfs.profiles import Rule, get_profile
 from klpfs.sysfs.debugfs import debugfs_mount, dynamic_debug_init_control
 from klpfs.sysfs.kernfs import Kernfs
 from klpfs.sysfs.module import ModuleSysfs
@@ -24,11 +26,15 @@ class System:
     """Construct inside trio (the kernel's clock is trio's); ValueError for an unknown version."""
 
     def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True, speed: float = 1.0) -> None:
-        self.profile = get_profile(kernel_version)
-        self.kernel = Kernel(self.profile.release, module_sig_messages=self.profile.module_sig_messages,
-                             speed=speed)
+        self.profile = profile = get_profile(kernel_version)
+        padding = FUNCTION_PADDING_BYTES if profile.has(Rule.CALL_PADDING) else 0
+        self.kernel = Kernel(profile.release, boot_image(profile), module_sig_messages=profile.module_sig_messages,
+                             speed=speed, padding=padding)
+        self.kernel.sched.fork_frames = fork_frames(profile)
+        self.kernel.modules.module_memory = profile.has(Rule.MODULE_MEMORY)
         self.kernel.dyndbg.features = GENERATIONS[self.profile.dyndbg]
         self.kernel.oops_style = self.profile.oops_style
+        self.kernel.package_id = self.profile.package_id
         self.kernel.preemptible = "preempt" in self.profile.vermagic_flags.split()
         self.kernel.modules.force_unload = self.profile.module_force_unload
         self.kernfs = Kernfs()

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from klpfs.kernel.module import MODULE_NAME_LEN
-from klpfs.kernel.printk import KERN_ERR, KERN_INFO, KERN_NOTICE, KERN_WARNING
+from klpfs.kernel.params import INT_RANGES
+from klpfs.kernel.printk import KERN_ERR, KERN_INFO, KERN_NOTICE, KERN_WARNING, LOG_LINE_MAX
 from klpfs.kernel.sched import TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE
+from klpfs.kernel.timers import time_problem
 from klpfs.modules import program as p
 from klpfs.modules.livepatch_module import CALLBACK_NAMES
 
@@ -30,6 +32,11 @@ STEP_MODIFIERS = {"log": {"level"}, "sleep": {"state"}, "new": {"expires"}, "for
                   "shadow_free": {"dtor_log"}, "shadow_free_all": {"dtor_log"}, "if_shadow": {"then", "else"},
                   "if_prev_state": {"then", "else"}}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+MAX_STEP_DEPTH = 32
+"""How deep steps may nest (for_each, if_shadow, if_prev_state in one another): the
+interpreter walks them recursively, and no module needs more than a few levels."""
+TEMPLATE_WIDTH_MAX = LOG_LINE_MAX - 1
+"""The widest a template's format spec may make a field: the longest text a log record keeps."""
 
 
 class ModuleFileError(ValueError):
@@ -72,6 +79,16 @@ class Work:
     every: p.Value | None = None
 
 
+@dataclass(frozen=True)
+class ParamTime:
+    """A time given by a parameter (`"{param}"`): checked again with the value insmod gives it."""
+
+    key: str
+    param: str
+    positive: bool = False
+    """`every`: 0 is no period."""
+
+
 @dataclass
 class Kthread:
     comm: str
@@ -109,6 +126,8 @@ class ModuleFile:
     replace: bool = False
     states: list[tuple[int, int]] = field(default_factory=list)
     """(id, version) of each klp_state the patch carries."""
+    param_times: list[ParamTime] = field(default_factory=list)
+    """The times that parameters give, for init to check with the values insmod set."""
 
     def all_steps(self) -> Iterator[p.Step]:
         """Every step of every function, init, exit and callback, nested ones included."""
@@ -134,12 +153,26 @@ def load_module_file(path: str | Path) -> ModuleFile:
     return parse_module_file(path, text)
 
 
+def time_error(seconds: object, positive: bool = False) -> str | None:
+    """Why `seconds` cannot be a module file's time (None if it can): what no
+    jiffies value holds, or, for a period (`positive`), no time at all."""
+    problem = time_problem(seconds)
+    if problem is None and positive and seconds == 0:
+        return "must be more than 0 (a work that re-arms itself at once would never let its kworker rest)"
+    return problem
+
+
 def parse_module_file(path: str | Path, text: str) -> ModuleFile:
     """Parse and validate a module file's text; `path` names it in errors and gives its default name."""
     path = Path(path)
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ModuleFileError(f"{path}: nested too deeply to parse") from None
+    except MemoryError:
+        raise ModuleFileError(f"{path}: too large to parse") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer past int()'s digit limit
         raise ModuleFileError(f"{path}: not valid TOML: {e}") from None
     return _Parser(path).parse(raw)
 
@@ -148,6 +181,7 @@ class _Parser:
     def __init__(self, path: Path):
         self.path = path
         self.params: dict[str, Param] = {}
+        self.param_times: list[ParamTime] = []
 
     def error(self, key: str, problem: str) -> ModuleFileError:
         return ModuleFileError(f"{self.path}: {key}: {problem}")
@@ -184,7 +218,8 @@ class _Parser:
         value = self.get(raw, key, where, str, required=required)
         if value is not None and not NAME_RE.match(value):
             raise self.error(f"{where}.{key}", f"{value!r} is not a valid symbol name")
-        return value
+        name: str = value
+        return name
 
     def own_function(self, raw: dict[str, Any], key: str, where: str, own: set[str]) -> str:
         """A required name that must be one of the module's own [[function]]s."""
@@ -205,13 +240,46 @@ class _Parser:
                 raise self.error(where, f"parameter {m.group(1)!r} is not an int")
         return raw
 
+    def ret(self, raw: Any, where: str) -> p.Value:
+        """What a C function returns: an int, or a "{param}" naming an int parameter (a
+        C int too), within the range of C's int."""
+        value = self.value(raw, where)
+        low, high = INT_RANGES["int"]
+        if isinstance(value, float) or (isinstance(value, int) and not low <= value <= high):
+            raise self.error(where, f"must be an int from {low} to {high} (a C function's int), not {raw!r}")
+        return value
+
+    def time(self, raw: Any, where: str, positive: bool = False) -> p.Value:
+        """A time in seconds, or a "{param}" naming an int parameter whose default is one.
+        Times become jiffies in the kernel; see time_error()."""
+        value = self.value(raw, where)
+        if isinstance(value, str):
+            param = value.strip("{}")
+            problem = time_error(self.params[param].default, positive)
+            if problem is not None:
+                raise self.error(where, f"parameter {param!r} defaults to {self.params[param].default!r}, "
+                                        f"not a time: {problem}")
+            self.param_times.append(ParamTime(where, param, positive))
+            return value
+        problem = time_error(value, positive)
+        if problem is not None:
+            raise self.error(where, problem)
+        return value
+
     def template(self, raw: Any, where: str) -> str:
         if not isinstance(raw, str):
             raise self.error(where, f"must be a string, not {raw!r}")
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(raw) if f is not None]
+            parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(raw) if f is not None]
         except ValueError as e:
             raise self.error(where, f"bad template: {e}") from None
+        for _, spec in parsed:
+            # str.format builds a field as wide as its spec asks before printk cuts the line.
+            if "{" in (spec or ""):
+                raise self.error(where, f"format spec {spec!r}: a spec cannot hold {{fields}}")
+            if any(int(n) > TEMPLATE_WIDTH_MAX for n in re.findall(r"\d+", spec or "")):
+                raise self.error(where, f"format spec {spec!r}: wider than a log line ({TEMPLATE_WIDTH_MAX} bytes)")
+        fields = [f for f, _ in parsed]
         for f in fields:
             if f.split(".")[0].split("[")[0] not in (*self.params, *p.CONTEXT_NAMES):
                 raise self.error(where, f"unknown name {{{f}}} (parameters: {', '.join(self.params) or 'none'}; "
@@ -220,12 +288,14 @@ class _Parser:
 
     # -- steps ---------------------------------------------------------------------
 
-    def steps(self, raw: Any, where: str, may_sleep: bool) -> tuple[p.Step, ...]:
+    def steps(self, raw: Any, where: str, may_sleep: bool, depth: int = 1) -> tuple[p.Step, ...]:
         if not isinstance(raw, list):
             raise self.error(where, "must be an array of steps")
-        return tuple(self.step(s, f"{where}[{i}]", may_sleep) for i, s in enumerate(raw))
+        if depth > MAX_STEP_DEPTH:
+            raise self.error(where, f"steps nested more than {MAX_STEP_DEPTH} deep")
+        return tuple(self.step(s, f"{where}[{i}]", may_sleep, depth) for i, s in enumerate(raw))
 
-    def step(self, raw: Any, where: str, may_sleep: bool) -> p.Step:
+    def step(self, raw: Any, where: str, may_sleep: bool, depth: int) -> p.Step:
         if not isinstance(raw, dict):
             raise self.error(where, "a step must be a table such as { log = \"...\" }")
         verbs = [k for k in raw if k in STEP_VERBS]
@@ -248,11 +318,11 @@ class _Parser:
             state = self.get(raw, "state", where, str, TASK_UNINTERRUPTIBLE)
             if state not in (TASK_UNINTERRUPTIBLE, TASK_INTERRUPTIBLE):
                 raise self.error(f"{where}.state", "must be \"D\" (uninterruptible) or \"S\" (interruptible)")
-            return p.Sleep(None if arg == "forever" else self.value(arg, at), state)
+            return p.Sleep(None if arg == "forever" else self.time(arg, at), state)
         if verb == "new":
             if not isinstance(arg, str) or not NAME_RE.match(arg):
                 raise self.error(at, "must name a list")
-            return p.New(arg, self.value(raw.get("expires", 0), f"{where}.expires"))
+            return p.New(arg, self.time(raw.get("expires", 0), f"{where}.expires"))
         if verb == "call":
             if not isinstance(arg, str) or not NAME_RE.match(arg):
                 raise self.error(at, "must name a function")
@@ -261,19 +331,19 @@ class _Parser:
             if not isinstance(arg, str) or not NAME_RE.match(arg):
                 raise self.error(at, "must name a list")
             return p.ForEach(arg, self.get(raw, "expired", where, bool, False),
-                             self.steps(raw.get("do", []), f"{where}.do", False))
+                             self.steps(raw.get("do", []), f"{where}.do", False, depth + 1))
         shadow_id = self.get(raw, verb, where, int)
         if verb in ("shadow_alloc", "shadow_get_or_alloc"):
             ctor_ret = raw.get("ctor_ret")
             return p.ShadowAlloc(shadow_id, verb == "shadow_get_or_alloc",
-                                 None if ctor_ret is None else self.value(ctor_ret, f"{where}.ctor_ret"))
+                                 None if ctor_ret is None else self.ret(ctor_ret, f"{where}.ctor_ret"))
         if verb in ("shadow_free", "shadow_free_all"):
             dtor_log = raw.get("dtor_log")
             return p.ShadowFree(shadow_id, verb == "shadow_free_all",
                                 None if dtor_log is None else self.template(dtor_log, f"{where}.dtor_log"))
         branch = p.IfShadow if verb == "if_shadow" else p.IfPrevState
-        return branch(shadow_id, self.steps(raw.get("then", []), f"{where}.then", False),
-                      self.steps(raw.get("else", []), f"{where}.else", False))
+        return branch(shadow_id, self.steps(raw.get("then", []), f"{where}.then", False, depth + 1),
+                      self.steps(raw.get("else", []), f"{where}.else", False, depth + 1))
 
     # -- sections ----------------------------------------------------------------------
 
@@ -298,6 +368,7 @@ class _Parser:
         if "patch" in raw:
             self.parse_patch(raw["patch"], mf)
         mf.livepatch = self.get(module, "livepatch", "module", bool, mf.objs is not None)
+        mf.param_times = self.param_times
         return mf
 
     def parse_params(self, raw: Any) -> None:
@@ -314,6 +385,9 @@ class _Parser:
             if ptype not in PARAM_PYTHON_TYPES:
                 raise self.error(f"{where}.type", f"must be one of {', '.join(PARAM_PYTHON_TYPES)}")
             default = self.get(spec, "default", where, PARAM_PYTHON_TYPES[ptype], PARAM_PYTHON_TYPES[ptype]())
+            low, high = INT_RANGES["int"]
+            if ptype == "int" and not low <= default <= high:
+                raise self.error(f"{where}.default", f"must fit a C int ({low} to {high})")
             perm = self.get(spec, "perm", where, int, 0o644)
             if perm & ~0o777:
                 raise self.error(f"{where}.perm", "must be a file mode such as 0o644")
@@ -346,7 +420,7 @@ class _Parser:
         init = self.table(raw, "init", "init", {"function", "run", "ret", "work", "kthreads"})
         mf.init_func = self.name(init, "function", "init", required=False) or f"{mf.name}_init"
         mf.init_steps = self.steps(init.get("run", []), "init.run", False)
-        mf.init_ret = self.value(init.get("ret", 0), "init.ret")
+        mf.init_ret = self.ret(init.get("ret", 0), "init.ret")
         own = {f.name for f in mf.functions}
         for i, w in enumerate(self.get(init, "work", "init", list, [])):
             where = f"init.work[{i}]"
@@ -355,8 +429,8 @@ class _Parser:
             self.keys(w, where, {"func", "delay", "every"})
             func = self.own_function(w, "func", where, own)
             every = w.get("every")
-            mf.work.append(Work(func, self.value(w.get("delay", 0), f"{where}.delay"),
-                                None if every is None else self.value(every, f"{where}.every")))
+            mf.work.append(Work(func, self.time(w.get("delay", 0), f"{where}.delay"),
+                                None if every is None else self.time(every, f"{where}.every", positive=True)))
         for i, k in enumerate(self.get(init, "kthreads", "init", list, [])):
             where = f"init.kthreads[{i}]"
             if not isinstance(k, dict):
@@ -423,7 +497,7 @@ class _Parser:
                     raise self.error(cwhere, "must be a table such as { run = [...], ret = 0 }")
                 self.keys(cb, cwhere, {"run", "ret"} if cb_name == "pre_patch" else {"run"})
                 callbacks[cb_name] = Callback(self.steps(cb.get("run", []), f"{cwhere}.run", False),
-                                              self.value(cb.get("ret", 0), f"{cwhere}.ret"))
+                                              self.ret(cb.get("ret", 0), f"{cwhere}.ret"))
             mf.objs.append(ObjectFile(None if oname == "vmlinux" else oname, funcs, callbacks))
 
 

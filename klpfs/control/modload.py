@@ -5,21 +5,23 @@ sample's register+enable, its delayed work and kthreads) and exit.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from klpfs.control.modfile import ModuleFile
+from klpfs.control.modfile import Callback, ModuleFile, ModuleFileError, time_error
 from klpfs.kernel.kallsyms import FuncDef
 from klpfs.kernel.params import ParamSpec
 from klpfs.kernel.module import MODULE_STATE_TEXT, Module
 from klpfs.kernel import wait
+from klpfs.kernel.printk import KERN_ERR
 from klpfs.kernel.sched import TASK_INTERRUPTIBLE
+from klpfs.kernel.timers import seconds_to_jiffies
 from klpfs.kernel.workqueue import DelayedWork, Work, cancel_work_sync, queue_delayed_work
 from klpfs.livepatch.structs import KlpObject, KlpState
 from klpfs.modules.livepatch_module import (
     ObjectSpec, FuncSpec, build_klp_patch, klp_sample_exit, klp_sample_init)
-from klpfs.control.modfile import ModuleFileError
 from klpfs.modules.program import Frame, IfPrevState, ModuleCode, ShadowAlloc, ShadowFree
 
 if TYPE_CHECKING:
@@ -69,20 +71,31 @@ def build_module(mf: ModuleFile, system: System) -> Module:
 def _object_specs(mf: ModuleFile, code: ModuleCode) -> list[ObjectSpec]:
     specs = []
     for obj in mf.objs or ():
-        callbacks = {}
-        for name, cb in obj.callbacks.items():
-            def run(mod: Module, kobj: KlpObject, cb=cb, name=name) -> int:
-                target = f"{kobj.mod.name} -> {MODULE_STATE_TEXT[kobj.mod.state]}" if kobj.mod else "vmlinux"
-                code.run(cb.steps, Frame(f"{name}_callback", target=target))
-                return int(code.value(cb.ret))
-            callbacks[name] = run
+        callbacks = {name: _callback(code, name, cb) for name, cb in obj.callbacks.items()}
         specs.append(ObjectSpec(obj.name, [FuncSpec(f.old_name, f.new_func, f.old_sympos, f.immediate)
                                            for f in obj.funcs], callbacks))
     return specs
 
 
+def _bad_param_time(mf: ModuleFile, mod: Module) -> str | None:
+    """The first time taken from a parameter that insmod set to no time (a negative
+    number of seconds, or 0 for a period): a message naming the key and the parameter."""
+    for pt in mf.param_times:
+        value = mod.params[pt.param]
+        problem = time_error(value, pt.positive)
+        if problem is not None:
+            return f"{mf.name}: {pt.key}: parameter {pt.param}={value}: {problem}"
+    return None
+
+
 def _init(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> int:
+    """The module's init.  First it refuses (-EINVAL) a parameter that makes one of its
+    times no time, as a C module checks its parameters before using them."""
     kernel = system.kernel
+    bad = _bad_param_time(mf, mod)
+    if bad is not None:
+        kernel.printk(KERN_ERR, bad)
+        return -errno.EINVAL
     code.run(mf.init_steps, Frame(mf.init_func))
     ret = int(code.value(mf.init_ret))
     if ret:
@@ -95,16 +108,19 @@ def _init(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> int:
             return ret
     works = []
     for w in mf.work:
-        dwork = DelayedWork(_work_func(code, w.func, None if w.every is None else code.value(w.every)))
-        queue_delayed_work(kernel, dwork, code.value(w.delay))
+        every = None if w.every is None else seconds_to_jiffies(code.seconds(w.every))
+        dwork = DelayedWork(_work_func(code, w.func, every))
+        queue_delayed_work(kernel, dwork, seconds_to_jiffies(code.seconds(w.delay)))
         works.append(dwork)
     mod.data["work"] = works
     mod.data["kthreads"] = [_kthread_run(system, code, kt.func, kt.comm) for kt in mf.kthreads]
     return 0
 
 
-def _work_func(code: ModuleCode, func: str, every: float | None) -> Callable[[Work], None]:
-    """The work: call the module's function, and re-arm itself every `every` seconds."""
+def _work_func(code: ModuleCode, func: str, every: int | None) -> Callable[[Work], None]:
+    """The work: call the module's function, then re-arm itself `every` jiffies later
+    (schedule_delayed_work() at the end of the work function, as the samples do).
+    A period is whole jiffies, at least one: the kernel's timers fire on ticks."""
     def work_fn(work: Work) -> None:
         code.call(func, Frame(func))
         if every is not None:
@@ -127,12 +143,21 @@ def _kthread_run(system: System, code: ModuleCode, func: str, comm: str) -> Task
     return task
 
 
+def _callback(code: ModuleCode, name: str, cb: Callback) -> Callable[[Module, KlpObject], int | None]:
+    """A callback of the module file: its steps, then its return value."""
+    def run(mod: Module, kobj: KlpObject) -> int | None:
+        target = f"{kobj.mod.name} -> {MODULE_STATE_TEXT[kobj.mod.state]}" if kobj.mod else "vmlinux"
+        code.run(cb.steps, Frame(f"{name}_callback", target=target))
+        return int(code.value(cb.ret))
+    return run
+
+
 def _exit(mf: ModuleFile, system: System, code: ModuleCode, mod: Module) -> None:
     kernel = system.kernel
-    for work in mod.data.get("work", []):
+    for work in cast("list[DelayedWork]", mod.data.get("work", [])):
         cancel_work_sync(kernel, work)
     code.run(mf.exit_steps, Frame(mf.exit_func))
-    for task in mod.data.get("kthreads", []):
+    for task in cast("list[Task]", mod.data.get("kthreads", [])):
         kernel.kthreads.stop(task)
     if mf.objs is not None:
         klp_sample_exit(system.livepatch, mod)

@@ -14,14 +14,18 @@ import os
 from collections.abc import Awaitable
 from typing import Any
 
+from klpfs.control.arguments import wrong_argument
+from klpfs.control.lpstate import livepatch_state
 from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
 from klpfs.control.modload import build_module, check_profile
 from klpfs.elf.kmod import KoError, build_ko_module
 from klpfs.control.samples import module_stem
 from klpfs.modules.pymodule import PyModuleError, build_pymodule
+from klpfs.kernel.kallsyms import KSym
 from klpfs.kernel.module import DELETE_MODULE_STACK, INIT_MODULE_STACK, O_TRUNC, Module, module_size
-from klpfs.kernel.oops import PageFault
+from klpfs.kernel.oops import KernelFault
 from klpfs.kernel.printk import LEVEL_NAMES, LogRecord
+from klpfs.kernel.timers import time_problem
 from klpfs.livepatch.debug import livepatch_debug, set_livepatch_debug
 from klpfs.kernel.sched import (
     KTHREAD_BASE, SLEEP_PRIMITIVES, USER_BASE, TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, Task, TaskKind,
@@ -110,7 +114,9 @@ class Control:
                 kernel.sched.exit(task)
         if ret:
             fault = mod.data.get("fault")
-            return fail(-ret, detail=f"{mod.data.get('file', mod.name)}: init faulted: {fault}") if fault else fail(-ret)
+            if fault:
+                return fail(-ret, detail=f"{mod.data.get('file', mod.name)}: init faulted: {fault}")
+            return fail(-ret)
         return ok(name=mod.name)
 
     def _check_profile(self, mf: ModuleFile) -> None:
@@ -144,8 +150,10 @@ class Control:
 
     # -- the log ----------------------------------------------------------------------
 
-    def dmesg(self, since_clear: bool = False) -> Reply:
-        """The ring; since_clear: only what came after the last `clear`, as util-linux dmesg reads it."""
+    def dmesg(self, since_clear: bool = False, follow: bool = False) -> Reply:
+        """The ring; since_clear: only what came after the last `clear`, as util-linux dmesg reads it.
+        follow: the control socket keeps the connection and streams each new record after
+        these (klpfs.control.server); only a stream can, so a direct call gets the ring."""
         log = self.kernel.log
         start = log.clear_seq if since_clear else 0
         return ok(records=[record_dict(r) for r in log.records if r.seq >= start])
@@ -169,7 +177,7 @@ class Control:
             raise Failure(errno.ESRCH, f"no such task: {pid}")
         return task
 
-    def _func(self, name: str):
+    def _func(self, name: str) -> KSym:
         sym = self.kernel.kallsyms.find_any(name)
         if sym is None:
             raise Failure(errno.ENOENT, f"no function {name!r} in the kernel or its modules")
@@ -204,12 +212,15 @@ class Control:
         return ok(task=self.task_info(task))
 
     def task_sleep(self, pid: int, func: str, seconds: float | None, interruptible: bool) -> Reply:
+        """The task enters func and sleeps there: `seconds` (None: until woken) must be
+        a time the kernel's timers hold (see time_problem()), or it is EINVAL."""
+        problem = None if seconds is None else time_problem(seconds)
+        if problem is not None:
+            return fail(errno.EINVAL, f"seconds: {problem}")
         task = self._task(pid)
         if task.kind is TaskKind.IDLE:
             raise Failure(errno.EINVAL, "idle tasks only idle")
         sym = self._func(func)
-        if seconds is not None and seconds < 0:
-            return fail(errno.EINVAL, "seconds must not be negative")
         state = TASK_INTERRUPTIBLE if interruptible else TASK_UNINTERRUPTIBLE
         impl = self.kernel.sched.enter(task, sym, state, seconds)
         return ok(task=self.task_info(task), impl=impl.name, impl_module=impl.module)
@@ -244,31 +255,53 @@ class Control:
         profile = self.system.profile
         return ok(kernel=profile.version, release=profile.release, vermagic=profile.vermagic)
 
-    async def handle(self, request: dict[str, Any]) -> Reply:
-        """Run one request ({"cmd": name, ...arguments}); refusals become error replies."""
+    def livepatch(self) -> Reply:
+        """The patches and the transition under way, with the tasks that hold it
+        (klpfs.control.lpstate): what `klpfs status`, `wait` and `watch` show."""
+        return ok(**livepatch_state(self.system, self.task_info))
+
+    def parse(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A request's command and arguments, checked against the command's signature and
+        annotations (klpfs.control.arguments); Failure (EINVAL) if they do not fit."""
         cmd = request.get("cmd")
-        handler = getattr(self, str(cmd), None) if cmd in COMMANDS else None
-        if handler is None:
-            return fail(errno.EINVAL, f"unknown command {cmd!r}")
+        if not isinstance(cmd, str) or cmd not in COMMANDS:
+            raise Failure(errno.EINVAL, f"unknown command {cmd!r}")
+        handler = getattr(self, cmd)
         args = {k: v for k, v in request.items() if k != "cmd"}
         try:
             inspect.signature(handler).bind(**args)
         except TypeError as e:
-            return fail(errno.EINVAL, f"bad arguments for {cmd}: {e}")
+            raise Failure(errno.EINVAL, f"bad arguments for {cmd}: {e}") from None
+        wrong = wrong_argument(handler, args)
+        if wrong is not None:
+            raise Failure(errno.EINVAL, f"bad arguments for {cmd}: {wrong}")
+        return cmd, args
+
+    async def handle(self, request: dict[str, Any]) -> Reply:
+        """Run one request ({"cmd": name, ...arguments}); refusals become error replies."""
         try:
-            reply = handler(**args)
+            cmd, args = self.parse(request)
+        except Failure as f:
+            return f.reply
+        return await self.run(cmd, args)
+
+    async def run(self, cmd: str, args: dict[str, Any]) -> Reply:
+        """Run a command `parse` accepted."""
+        try:
+            reply: Reply | Awaitable[Reply] = getattr(self, cmd)(**args)
             if isinstance(reply, Awaitable):
                 reply = await reply
         except Failure as f:
             return f.reply
-        except PageFault as fault:
-            # A call into a force-removed patch module's code: the oops is the caller's (the
-            # console shell stands for it), and the request fails.
-            console = self.kernel.console
-            fault.die(console.pid, console.comm, console.cpu)
+        except KernelFault as fault:
+            # A call into a force-removed patch module's code, or one that overflowed the
+            # kernel stack: the oops is the calling task's (the console shell stands for the
+            # client), and the request fails.
+            task = fault.task or self.kernel.console
+            fault.die(task.pid, task.comm, task.cpu)
             return fail(errno.EFAULT, str(fault))
         return reply
 
 
 COMMANDS = {"insmod", "rmmod", "lsmod", "dmesg", "clear", "debug", "ps", "task_add", "task_sleep",
-            "task_wake", "task_run", "task_exit", "call", "status"}
+            "task_wake", "task_run", "task_exit", "call", "status", "livepatch"}

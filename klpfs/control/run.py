@@ -15,6 +15,7 @@ torn down with the namespaces.  The host's mount table is never touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -137,8 +138,8 @@ def add_host_placeholders(kernfs: Kernfs, directory: KernfsNode, host: str | Pat
             continue
         try:
             if entry.is_symlink():
-                target = os.readlink(entry.path)
-                kernfs.create_link(directory, entry.name, lambda target=target: target)
+                target = functools.partial(str, os.readlink(entry.path))  # a show returning the target
+                kernfs.create_link(directory, entry.name, target)
                 continue
             st = entry.stat()
         except OSError:

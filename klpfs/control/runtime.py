@@ -60,11 +60,18 @@ def _pid_namespace() -> str:
         return ""
 
 
-def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
-    """Announce this process as the daemon of mountpoint (the directory is made 0700)."""
+def make_runtime_dir() -> Path:
+    """The runtime directory, made if missing; 0700 either way: only its owner may
+    reach the sockets in it."""
     directory = runtime_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
+    return directory
+
+
+def write_record(mountpoint: str | Path, kernel: str) -> DaemonRecord:
+    """Announce this process as the daemon of mountpoint (its socket listens already)."""
+    make_runtime_dir()
     record = DaemonRecord(os.path.abspath(mountpoint), os.getpid(), kernel, str(socket_path(mountpoint)),
                           _pid_namespace())
     path = record_path(mountpoint)
@@ -83,53 +90,98 @@ def remove_record(mountpoint: str | Path) -> None:
             pass
 
 
+def _read_record(path: Path) -> DaemonRecord | None:
+    try:
+        return DaemonRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _exited(pid: int) -> bool:
+    """Whether pid is gone or a zombie: a daemon whose parent exited (`klpfs mount`
+    returns at once) is reaped by init, which may take its time or never do it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
+
+
 def _alive(record: DaemonRecord) -> bool:
     """Whether the daemon runs; one whose pid cannot be seen from here (a klpfs run's
     command) runs while its socket is there (the daemon removes it when it stops)."""
     if record.pidns and record.pidns != _pid_namespace():
         return os.path.exists(record.socket)
+    return not _exited(record.pid)
+
+
+def forget(record: DaemonRecord) -> None:
+    """Remove the record and socket a daemon that is gone left behind (SIGKILL leaves
+    them), if they are still that daemon's and ours: a new daemon of the same
+    mountpoint writes its record over the old one, once its socket listens."""
+    path = record_path(record.mountpoint)
     try:
-        os.kill(record.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if path.stat().st_uid != os.geteuid() or _read_record(path) != record:
+            return
+    except FileNotFoundError:
+        return
+    remove_record(record.mountpoint)
+
+
+def _records() -> list[DaemonRecord]:
+    directory = runtime_dir()
+    if not directory.is_dir():
+        return []
+    return [r for r in map(_read_record, sorted(directory.glob("*.json"))) if r is not None]
 
 
 def running_daemons() -> list[DaemonRecord]:
     """Every daemon whose record is here and whose process is alive."""
-    records = []
-    directory = runtime_dir()
-    if not directory.is_dir():
-        return []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            record = DaemonRecord(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
-        if _alive(record):
-            records.append(record)
-    return records
+    return [record for record in _records() if _alive(record)]
 
 
 class NoDaemon(Exception):
     """No daemon could be chosen; the message says why and what to do."""
 
 
+def gone(record: DaemonRecord) -> NoDaemon:
+    """What to say of a daemon found gone, after removing what it left behind."""
+    forget(record)
+    return NoDaemon(f"no klpfs daemon is serving {record.mountpoint} (it exited)")
+
+
 def find_daemon(mountpoint: str | None) -> DaemonRecord:
-    """The daemon serving mountpoint, or the only one running when none is named."""
-    daemons = running_daemons()
+    """The daemon serving mountpoint, or the only one running when none is named.
+
+    A record whose daemon is gone (killed, so it could not remove it) is removed
+    and named in the refusal."""
+    records = _records()
+    daemons = [record for record in records if _alive(record)]
     if mountpoint is not None:
         wanted = {os.path.abspath(mountpoint), os.path.realpath(mountpoint)}
-        for record in daemons:
-            if record.mountpoint in wanted or os.path.realpath(record.mountpoint) in wanted:
-                return record
+        serving = [r for r in records if r.mountpoint in wanted or os.path.realpath(r.mountpoint) in wanted]
+        live = [record for record in serving if record in daemons]
+        if live:
+            return live[0]
+        if serving:
+            raise gone(serving[0])
         _not_yours()
         raise NoDaemon(f"no klpfs daemon is serving {mountpoint} (start one with: klpfs mount {mountpoint})")
+    for record in records:
+        if record not in daemons:
+            forget(record)
     if len(daemons) == 1:
         return daemons[0]
     if not daemons:
+        if records:
+            raise gone(records[-1])
         _not_yours()
         raise NoDaemon("no klpfs daemon is running (start one with: klpfs mount MNT)")
     mounts = ", ".join(d.mountpoint for d in daemons)

@@ -17,24 +17,33 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
-from klpfs.control.client import ControlError, request, stream
-from klpfs.control.commands import format_record, print_lsmod
+from klpfs.control.client import Client, ControlError, Refused
+from klpfs.control.commands import print_lsmod
+from klpfs.control.logview import UnknownLevel, format_record, parse_levels, wanted
 from klpfs.control.modfile import ModuleFileError, load_module_file
-from klpfs.control.modrequest import insmod_file_args, is_ko
-from klpfs.elf.kmod import KoError
-from klpfs.elf.kmod import modinfo_fields as ko_modinfo_fields
-from klpfs.modules.pymodule import PyModuleError, read_modinfo
+from klpfs.control.modrequest import is_ko
 from klpfs.control.run import RunState, sync_after_module_change
 from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, module_stem
-from klpfs.kernel.printk import LEVEL_NAMES
+from klpfs.control.toolwords import (
+    busybox_insert, busybox_remove, kmod_insert, kmod_missing, kmod_remove, mod_strerror, modprobe_insert,
+    modprobe_remove)
+from klpfs.elf.kmod import KoError
+from klpfs.elf.kmod import modinfo_fields as ko_modinfo_fields
+from klpfs.modules.pymodule import PyModuleError, read_modinfo
+
+__all__ = ["TOOLS", "main", "mod_strerror"]
+
+CLIENT = Client()
+"""The run's only daemon, found from the run's runtime directory (KLPFS_RUNTIME_DIR)."""
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors the way the real tools exit: status 1."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: {message}", file=sys.stderr)
         sys.exit(1)
@@ -53,21 +62,8 @@ def _resolve(name: str) -> Path | None:
     return find_module_file(module_stem(name), _search())
 
 
-def mod_strerror(err: int) -> str:
-    """What kmod's insmod says for a module the kernel refused with errno `err`:
-    its own words for a few errnos, strerror() for the rest."""
-    words = {errno.ENOEXEC: "Invalid module format", errno.ENOENT: "Unknown symbol in module",
-             errno.ESRCH: "Module has wrong symbol version", errno.EINVAL: "Invalid parameters"}
-    return words.get(err, os.strerror(err))
-
-
-def _load(path: Path, params: list[str]) -> dict:
-    """insmod's request: the file's text, or a .ko's bytes (with X.py beside it, if any)."""
-    return request(None, "insmod", params=params, **insmod_file_args(path))
-
-
 def _loaded(name: str) -> bool:
-    return any(m["name"] == name for m in request(None, "lsmod")["modules"])
+    return any(m.name == name for m in CLIENT.lsmod())
 
 
 def _real_tool(tool: str) -> str | None:
@@ -84,13 +80,6 @@ def _busybox(tool: str) -> bool:
     return real is not None and Path(os.path.realpath(real)).name == "busybox"
 
 
-def busybox_moderror(err: int) -> str:
-    """busybox's moderror(): its own words for a few errnos, strerror() for the rest."""
-    return {errno.ENOEXEC: "invalid module format", errno.ENOENT: "unknown symbol in module, or unknown parameter",
-            errno.ESRCH: "module has wrong symbol version",
-            errno.ENOSYS: "kernel does not support requested operation"}.get(err, os.strerror(err))
-
-
 def busybox_insmod(argv: list[str]) -> int:
     """busybox insmod: finit_module(), and after a failure init_module() of the
     same file once more (bb_init_module); the exit status is that errno."""
@@ -102,15 +91,17 @@ def busybox_insmod(argv: list[str]) -> int:
     if path is None:
         print(f"insmod: can't insert '{filename}': No such file or directory", file=sys.stderr)
         return 256 - errno.ENOENT
-    reply = _load(path, params)
-    if not reply["ok"]:
-        reply = _load(path, params)
-    if reply["ok"]:
-        sync_after_module_change()
-        return 0
-    err = errno.ENOEXEC if reply.get("file_error") else reply["errno"]
-    print(f"insmod: can't insert '{filename}': {busybox_moderror(err)}", file=sys.stderr)
-    return err
+    try:
+        try:
+            CLIENT.insmod(path, params)
+        except Refused:
+            CLIENT.insmod(path, params)
+    except Refused as refusal:
+        err = errno.ENOEXEC if refusal.file_error else refusal.errno
+        print(busybox_insert(filename, err), file=sys.stderr)
+        return err
+    sync_after_module_change()
+    return 0
 
 
 def busybox_rmmod(argv: list[str]) -> int:
@@ -120,13 +111,13 @@ def busybox_rmmod(argv: list[str]) -> int:
     flags = os.O_NONBLOCK | os.O_EXCL | (os.O_TRUNC if any(a in ("-f", "--force") for a in argv) else 0)
     for name in (a for a in argv if not a.startswith("-")):
         stem = module_stem(name)
-        reply = request(None, "rmmod", name=stem, flags=flags)
-        if reply["ok"]:
-            sync_after_module_change()
-            continue
-        print(f"rmmod: can't unload module '{stem}': {os.strerror(reply['errno'])}", file=sys.stderr)
-        status = 1
-        break
+        try:
+            CLIENT.rmmod(stem, flags)
+        except Refused as refusal:
+            print(busybox_remove(stem, refusal), file=sys.stderr)
+            status = 1
+            break
+        sync_after_module_change()
     return status
 
 
@@ -142,14 +133,12 @@ def insmod(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     path = _resolve(args.filename)
     if path is None:
-        print(f"insmod: ERROR: could not load module {args.filename}: No such file or directory", file=sys.stderr)
+        print(kmod_missing(args.filename), file=sys.stderr)
         return 1
-    reply = _load(path, args.args)
-    if not reply["ok"]:
-        error = mod_strerror(errno.ENOEXEC if reply.get("file_error") else reply["errno"])
-        print(f"insmod: ERROR: could not insert module {args.filename}: {error}", file=sys.stderr)
-        if reply.get("file_error") or reply.get("detail"):
-            print(reply["detail"] if reply.get("detail") else reply["error"], file=sys.stderr)
+    try:
+        CLIENT.insmod(path, args.args)
+    except Refused as refusal:
+        print("\n".join(kmod_insert(args.filename, refusal)), file=sys.stderr)
         return 1
     sync_after_module_change()
     return 0
@@ -158,23 +147,15 @@ def insmod(argv: list[str]) -> int:
 def _remove(name: str, tool: str, force: bool = False) -> int:
     """kmod's removal: delete_module(O_NONBLOCK), with O_TRUNC when forced (KMOD_REMOVE_FORCE),
     which also skips the in-use check."""
-    reply = request(None, "rmmod", name=name, flags=os.O_NONBLOCK | (os.O_TRUNC if force else 0))
-    if reply["ok"]:
-        sync_after_module_change()
-        return 0
-    stem = module_stem(name)
-    if tool == "modprobe":
-        message = (f"Module {stem} is in use." if reply.get("in_use") else
-                   f"Module {stem} is not currently loaded" if reply.get("not_loaded") else
-                   f"could not remove '{stem}': {reply['error']}")
-        print(f"modprobe: FATAL: {message}", file=sys.stderr)
-    elif reply.get("not_loaded"):
-        print(f"rmmod: ERROR: Module {stem} is not currently loaded", file=sys.stderr)
-    elif reply.get("in_use"):
-        print(f"rmmod: ERROR: Module {stem} is in use", file=sys.stderr)
-    else:
-        print(f"rmmod: ERROR: could not remove module {name}: {reply['error']}", file=sys.stderr)
-    return 1
+    try:
+        CLIENT.rmmod(name, os.O_NONBLOCK | (os.O_TRUNC if force else 0))
+    except Refused as refusal:
+        stem = module_stem(name)
+        print(modprobe_remove(stem, refusal) if tool == "modprobe" else kmod_remove(name, refusal, stem),
+              file=sys.stderr)
+        return 1
+    sync_after_module_change()
+    return 0
 
 
 def rmmod(argv: list[str]) -> int:
@@ -202,15 +183,16 @@ def modprobe(argv: list[str]) -> int:
     path = find_module_file(module_stem(args.module), _search())
     if path is None:
         if not args.quiet:
-            release = request(None, "status")["release"]
+            release = CLIENT.kernel().release
             print(f"modprobe: FATAL: Module {args.module} not found in directory /lib/modules/{release}",
                   file=sys.stderr)
         return 1
     if args.dry_run or _loaded(module_stem(path.name)):
         return 0
-    reply = _load(path, args.args)
-    if not reply["ok"]:
-        print(f"modprobe: ERROR: could not insert '{module_stem(args.module)}': {reply['error']}", file=sys.stderr)
+    try:
+        CLIENT.insmod(path, args.args)
+    except Refused as refusal:
+        print(modprobe_insert(module_stem(args.module), refusal), file=sys.stderr)
         return 1
     sync_after_module_change()
     return 0
@@ -218,7 +200,7 @@ def modprobe(argv: list[str]) -> int:
 
 def lsmod(argv: list[str]) -> int:
     _Parser(prog="lsmod", usage="lsmod").parse_args(argv)
-    print_lsmod(request(None, "lsmod")["modules"])
+    print_lsmod(CLIENT.lsmod())
     return 0
 
 
@@ -259,11 +241,11 @@ def modinfo(argv: list[str]) -> int:
     parser.add_argument("-k", dest="kernel")
     parser.add_argument("modules", nargs="+")
     args = parser.parse_args(argv)
-    status = request(None, "status")
-    release = args.kernel or status["release"]
-    vermagic = status.get("vermagic")
+    kernel = CLIENT.kernel()
+    release = args.kernel or kernel.release
+    vermagic = kernel.vermagic
     if vermagic and args.kernel:
-        vermagic = args.kernel + vermagic[len(status["release"]):]
+        vermagic = args.kernel + vermagic[len(kernel.release):]
     status = 0
     for name in args.modules:
         path = _resolve(name)
@@ -296,25 +278,22 @@ def dmesg(argv: list[str]) -> int:
     parser.add_argument("-C", "--clear", action="store_true")
     parser.add_argument("-c", "--read-clear", action="store_true")
     args = parser.parse_args(argv)
-    levels = None if args.level is None else set(args.level.split(","))
-    if levels is not None and not levels <= set(LEVEL_NAMES):
-        print(f"dmesg: unknown level '{sorted(levels - set(LEVEL_NAMES))[0]}'", file=sys.stderr)
+    try:
+        levels = parse_levels(args.level)
+    except UnknownLevel as e:
+        print(e, file=sys.stderr)
         return 1
     if args.clear:
-        request(None, "clear")
+        CLIENT.clear()
         return 0
     # util-linux dmesg reads /dev/kmsg from SEEK_DATA: what came after the last clear.
-    records = (stream(None, "dmesg", follow=True, since_clear=True) if args.follow
-               else iter(request(None, "dmesg", since_clear=True)["records"]))
+    records = CLIENT.follow(since_clear=True) if args.follow else iter(CLIENT.dmesg(since_clear=True))
     for record in records:
-        from_kernel = record["facility"] == 0  # -k and -u: kernel or userspace messages only
-        if ((levels is None or record["level"] in levels)
-                and (args.kernel == args.userspace or from_kernel == args.kernel)):
-            print(record["text"] if args.notime else format_record(record), flush=args.follow)
+        if wanted(record, levels, args.kernel, args.userspace):
+            print(format_record(record, args.notime), flush=args.follow)
     if args.read_clear:
-        request(None, "clear")
+        CLIENT.clear()
     return 0
-
 
 
 def uname(argv: list[str]) -> int:
@@ -325,7 +304,7 @@ def uname(argv: list[str]) -> int:
         return 1
     res = subprocess.run([real, *argv], capture_output=True, text=True)
     sys.stderr.write(res.stderr)
-    release = request(None, "status")["release"]
+    release = CLIENT.kernel().release
     sys.stdout.write(res.stdout.replace(os.uname().release, release))
     return res.returncode
 

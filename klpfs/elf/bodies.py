@@ -62,6 +62,10 @@ class ModuleAddress:
     name: str
 
 
+KlpCall = Callable[[str, ModuleAddress | None], int]
+"""klp_enable_patch() and friends, by name, as a module's code calls them with its patch."""
+
+
 class Runtime:
     """What a running .ko function reaches: the kernel, its module, its variables and patch."""
 
@@ -69,7 +73,7 @@ class Runtime:
         self.kernel = kernel
         self.module = module
         self.elf = elf
-        self.klp: Callable[[str, ModuleAddress | None], int] | None = None
+        self.klp: KlpCall | None = None
         """Runs klp_enable_patch and friends for this module (set by the loader)."""
 
     def variable(self, var: Var) -> object:

@@ -29,7 +29,7 @@ def _kernel(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `klpfs ko` on the CLI's subparsers."""
     cmd = subparsers.add_parser(
         "ko", help="write a module file (.py or .toml) out as an ELF kernel module (.ko)",

@@ -26,12 +26,13 @@ import errno
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from klpfs.elf.bodies import Runtime
+from klpfs.elf.klp import KoPatch
 from klpfs.elf.kmod import KoError, KoFile
 from klpfs.kernel.kallsyms import FuncDef
 from klpfs.livepatch.structs import KlpPatch
 
 if TYPE_CHECKING:
-    from klpfs.elf.klp import KoPatch
     from klpfs.kernel.module import Module
     from klpfs.system import System
 
@@ -53,7 +54,7 @@ def describe_py(patch: KlpPatch) -> Description:
     objs = []
     for o in patch.objs or ():
         cbs = o.callbacks
-        callbacks = sorted((slot, _name(getattr(cbs, slot))) for slot in
+        callbacks = sorted((slot, str(_name(getattr(cbs, slot)))) for slot in
                            ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch")
                            if getattr(cbs, slot) is not None)
         objs.append((o.name, sorted((f.old_name, f.old_sympos, _name(f.new_func)) for f in o.funcs or ()),
@@ -83,7 +84,8 @@ def with_behaviour(ko: KoFile, ko_mod: Module, py_path: str, text: str, system: 
     ko_params = {name: spec.type for name, spec in ko_mod.param_specs.items()}
     if py_params != ko_params:
         raise _mismatch(ko, py.name, f"parameters {py_params}, the .ko has {ko_params}")
-    kp = ko_mod.data.get("ko_patch")
+    found = ko_mod.data.get("ko_patch")
+    kp = found if isinstance(found, KoPatch) else None
     ns = mod.data["context"].ns  # type: ignore[attr-defined]
     patches = [v for v in ns.values() if isinstance(v, KlpPatch)]
     if kp is not None:
@@ -99,7 +101,7 @@ def with_behaviour(ko: KoFile, ko_mod: Module, py_path: str, text: str, system: 
                  for f in ko_mod.funcs]
     mod.livepatch = ko_mod.livepatch
     runtime = ko_mod.data.get("runtime")
-    if runtime is not None:
+    if isinstance(runtime, Runtime):
         runtime.module = mod  # the .ko's recovered bodies read the .py's globals
     mod.check_symbols = ko_mod.check_symbols
     mod.data["ko_patch"] = kp

@@ -19,7 +19,10 @@ kernel/module/kallsyms.c) for x86-64 distribution kernels
 init area and zeroes its size, so a live module shows its core size: 16384
 for a small module (a page each of text, read-only data, data and symbols).
 Earlier releases lay modules out the same way (one page-aligned layout per
-area), which is why one computation serves every profile.
+area).  6.4's module_memory (`module_memory=True`) allocates each kind of
+memory on its own, page-aligned, and puts the kept symbols in the data: a
+small module takes 12288 then, unless its symbols and data fill more than
+the page (a livepatch module keeps them all).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _page(value: int) -> int:
     return _align(value, PAGE_SIZE)
 
 
-def module_sizes(elf: ElfFile, livepatch: bool) -> tuple[int, int]:
+def module_sizes(elf: ElfFile, livepatch: bool, module_memory: bool = False) -> tuple[int, int]:
     """(core_layout.size, init_layout.size) of the module as the loader lays it out."""
     flags = [s.flags for s in elf.sections]
     for sec in elf.sections:
@@ -54,9 +57,15 @@ def module_sizes(elf: ElfFile, livepatch: bool) -> tuple[int, int]:
     placed = [NOT_PLACED] * len(elf.sections)
     in_init = [False] * len(elf.sections)
     core = init = 0
+    data = 0
+    """module_memory: MOD_DATA (writable data, the rest, the kept symbols) before its page."""
     for init_area in (False, True):
         size = 0
+        pages = 0
         for m, (need, refuse) in enumerate(MASKS):
+            in_data = module_memory and not init_area and m >= 3
+            if in_data and m == 3:
+                pages, size = size, 0  # text, read-only and ro-after-init pages; MOD_DATA starts
             for sec in elf.sections[1:]:
                 f = flags[sec.index]
                 if (f & need) != need or f & refuse or placed[sec.index] != NOT_PLACED:
@@ -66,10 +75,12 @@ def module_sizes(elf: ElfFile, livepatch: bool) -> tuple[int, int]:
                 placed[sec.index] = _align(size, sec.addralign)
                 in_init[sec.index] = init_area
                 size = placed[sec.index] + sec.size
-            if m in (0, 1, 4) or (m == 2 and not init_area):
+            if (m in (0, 1, 4) or (m == 2 and not init_area)) and not in_data:
                 size = _page(size)
         if init_area:
             init = size
+        elif module_memory:
+            core, data = pages, size
         else:
             core = size
     # layout_symtab(): the kept symbols, their names and types at the end of the core area.
@@ -84,10 +95,15 @@ def module_sizes(elf: ElfFile, livepatch: bool) -> tuple[int, int]:
             names += len(sym.name.encode("utf-8", "surrogateescape")) + 1
     symtab = elf.symtab
     if symtab is not None:
-        core = _page(_align(core, symtab.addralign) + kept * SYM.size + names + kept)
+        if module_memory:
+            data = _align(data, symtab.addralign) + kept * SYM.size + names + kept
+        else:
+            core = _page(_align(core, symtab.addralign) + kept * SYM.size + names + kept)
         # The whole symtab and strtab, a struct mod_kallsyms (32 bytes) and the types, in init.
         strtab = elf.sections[symtab.link]
         init = _align(init, symtab.addralign) + symtab.size
         init = _align(init, strtab.addralign) + strtab.size
         init = _page(_align(init, 8) + MOD_KALLSYMS_SIZE + len(elf.symbols))
+    if module_memory:
+        core += _page(data)
     return core, init

@@ -33,11 +33,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klpfs.elf.bodies import SHOW_CALLS, ModuleAddress, Runtime, fallback_body, program_body
+from klpfs.elf.bodies import SHOW_CALLS, KlpCall, ModuleAddress, Runtime, fallback_body, program_body
 from klpfs.elf.coresize import module_sizes
 from klpfs.elf.klp import KoPatch, PatchError, read_patch
 from klpfs.elf.layouts import LayoutError, layout_for
@@ -47,11 +48,12 @@ from klpfs.elf.reader import (
     EHDR, MODULE_RELOCATIONS, SHDR, SHF_ALLOC, SHF_RELA_LIVEPATCH, SHN_COMMON, SHN_LIVEPATCH, SHN_LORESERVE,
     SHN_UNDEF, SHT_NOBITS, SHT_NULL, SHT_SYMTAB, STB_WEAK, STT_FUNC, ElfError, ElfFile, Extern, Symbol)
 from klpfs.elf.x86 import Program, decode_function, referenced_strings
-from klpfs.kernel.kallsyms import FuncDef
+from klpfs.kernel.kallsyms import Body, FuncDef
 from klpfs.kernel.module import Module
 from klpfs.kernel.params import ParamSpec
 from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
 from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
+from klpfs.profiles import Rule
 
 if TYPE_CHECKING:
     from klpfs.profiles import Profile
@@ -213,13 +215,13 @@ def modinfo_fields(path: str | Path, data: bytes) -> list[tuple[str, str]]:
             entry = [pname, None, None]
             params.insert(0, entry)
         entry[1 if key == "parm" else 2] = text
-    for pname, desc, ptype in params:
+    for param, desc, ptype in params:
         if desc is None:
-            fields.append(("parm", f"{pname}:{ptype}"))
+            fields.append(("parm", f"{param}:{ptype}"))
         elif ptype is not None:
-            fields.append(("parm", f"{pname}:{desc} ({ptype})"))
+            fields.append(("parm", f"{param}:{desc} ({ptype})"))
         else:
-            fields.append(("parm", f"{pname}:{desc}"))
+            fields.append(("parm", f"{param}:{desc}"))
     return fields
 
 
@@ -419,7 +421,7 @@ def _calls_show_function(ko: KoFile, sym: Symbol) -> bool:
     return False
 
 
-def _body(ko: KoFile, sym: Symbol, rt: Runtime, programs: dict[str, Program]):
+def _body(ko: KoFile, sym: Symbol, rt: Runtime, programs: dict[str, Program]) -> Body:
     prog = decode_function(ko.elf, sym)
     programs[sym.name] = prog
     if prog.decoded:
@@ -433,7 +435,7 @@ def build_klp_patch(kp: KoPatch, mod: Module, system: System) -> KlpPatch:
     kernel = system.kernel
     syms = {s.name: s for s in mod.symbols}
 
-    def callback(fname: str, returns: bool):
+    def callback(fname: str, returns: bool) -> Callable[[KlpObject], int]:
         def call(obj: KlpObject) -> int:
             sym = syms.get(fname)
             if sym is None:
@@ -447,13 +449,16 @@ def build_klp_patch(kp: KoPatch, mod: Module, system: System) -> KlpPatch:
         funcs = None if o.funcs is None else [
             KlpFunc(f.old_name, syms.get(f.new_func) if f.new_func else None, f.old_sympos, f.immediate)
             for f in o.funcs]
-        cbs = KlpCallbacks(**{slot: callback(fname, slot == "pre_patch") for slot, fname in o.callbacks.items()})
+        cbs = KlpCallbacks()
+        for slot, fname in o.callbacks.items():
+            # Only pre_patch's return value counts (klp_pre_patch_callback()); the others return void.
+            setattr(cbs, slot, callback(fname, slot == "pre_patch"))
         objs.append(KlpObject(o.name, funcs, cbs))
     return KlpPatch(mod, objs if kp.objs is not None else None, immediate=kp.immediate, replace=kp.replace,
                     states=[KlpState(i, v) for i, v in kp.states])
 
 
-def _klp_calls(ko: KoFile, kp: KoPatch | None, mod: Module, system: System):
+def _klp_calls(ko: KoFile, kp: KoPatch | None, mod: Module, system: System) -> KlpCall:
     """klp_enable_patch() and friends as the module's code calls them."""
     lp = system.livepatch
 
@@ -487,7 +492,7 @@ def _module_relocs(ko: KoFile, mod: Module, system: System, objname: str) -> int
     return 0
 
 
-def _sample_init(system: System, klp) -> int:
+def _sample_init(system: System, klp: KlpCall) -> int:
     """An init the decoder cannot follow, for a livepatch module: what every patch module's
     init does -- register then enable before 5.1 (unregistering if enabling fails), enable after."""
     if not system.profile.register_api:
@@ -532,7 +537,7 @@ def build_ko_module(path: str | Path, data: bytes, system: System, behaviour: tu
     if behaviour is not None:
         from klpfs.elf.companion import with_behaviour
         mod = with_behaviour(ko, mod, behaviour[0], behaviour[1], system)
-    core, init = module_sizes(ko.elf, ko.livepatch)
+    core, init = module_sizes(ko.elf, ko.livepatch, system.profile.has(Rule.MODULE_MEMORY))
     mod.core_size, mod.init_size = core, init
     mod.signed = ko.signed
     mod.out_of_tree = ko.get("intree") is None
@@ -566,7 +571,7 @@ def _ko_module(ko: KoFile, system: System, refuse: _Refusal) -> Module:
         mod.param_specs[p.name] = ParamSpec(p.type, p.perm, descriptions.get(p.name, ""), var=p.var,
                                             array_max=p.array_max, nump=p.nump)
     rt = Runtime(system.kernel, mod, ko.elf)
-    rt.klp = _klp_calls(ko, kp, mod, system)
+    rt.klp = klp = _klp_calls(ko, kp, mod, system)
     programs: dict[str, Program] = {}
     sites = _traceable(ko)
     mod.funcs = [FuncDef(sym.name, sym.size, _body(ko, sym, rt, programs),
@@ -583,7 +588,7 @@ def _ko_module(ko: KoFile, system: System, refuse: _Refusal) -> Module:
             init_body = program_body(init_prog, rt)
             mod.init = lambda m: init_body()
         elif kp is not None:
-            mod.init = lambda m: _sample_init(system, rt.klp)
+            mod.init = lambda m: _sample_init(system, klp)
         else:
             mod.init = lambda m: 0
     if exit_sym is not None:
@@ -592,7 +597,7 @@ def _ko_module(ko: KoFile, system: System, refuse: _Refusal) -> Module:
             exit_body = program_body(exit_prog, rt)
             mod.exit = lambda m: exit_body()
         else:
-            mod.exit = lambda m: (rt.klp("klp_unregister_patch", None)
+            mod.exit = lambda m: (klp("klp_unregister_patch", None)
                                   if kp is not None and system.profile.register_api else None)
 
     def check_symbols() -> int:

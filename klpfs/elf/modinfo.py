@@ -134,8 +134,8 @@ def _param(elf: ElfFile, name: str, ops: str, perm: int, arg: Place | Extern | i
     if ops == "param_ops_string" and isinstance(arg, Place):
         # struct kparam_string {unsigned int maxlen; char *string}
         arg = elf.pointer(arg.section, arg.offset + 8)
-        default = elf.cstring(arg) if isinstance(arg, Place) else None
-        return KoParam(name, ptype, ops, perm, _var_name(elf, arg, name), default)
+        string = elf.cstring(arg) if isinstance(arg, Place) else None
+        return KoParam(name, ptype, ops, perm, _var_name(elf, arg, name), string)
     default = _value(elf, ptype, arg) if isinstance(arg, Place) else None
     return KoParam(name, ptype, ops, perm, _var_name(elf, arg, name), default)
 

@@ -244,8 +244,8 @@ def build_ko(mod: KoModule, profile: Profile) -> bytes:
         add(_Section(S.VERSIONS, S.SHT_PROGBITS, S.SHF_ALLOC, b"".join(
             struct.pack("<Q56s", crc, symbol.encode()) for crc, symbol in versions), align=S.VERSIONS_ALIGN))
     this_module = bytearray(layout.this_module_size)
-    name = mod.name.encode()
-    this_module[S.MODULE_NAME_OFFSET:S.MODULE_NAME_OFFSET + len(name)] = name
+    encoded = mod.name.encode()
+    this_module[S.MODULE_NAME_OFFSET:S.MODULE_NAME_OFFSET + len(encoded)] = encoded
     this_index = add(_Section(S.THIS_MODULE, S.SHT_PROGBITS, S.SHF_WRITE | S.SHF_ALLOC, bytes(this_module),
                               align=S.THIS_MODULE_ALIGN))
     this_rela = add(_Section(".rela" + S.THIS_MODULE, S.SHT_RELA, S.SHF_INFO_LINK, align=8,

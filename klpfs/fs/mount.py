@@ -8,11 +8,13 @@ fork: trio and threads do not survive fork().  Its ``run`` is started with
 ``task_status.started()``, so whatever it serves besides the files (the
 control socket) is ready too.
 
-Shutdown order matters.  On SIGINT/SIGTERM the machine stops first and the
-last cache invalidations are delivered while FUSE still answers requests (a
-delivery can wait for a process that waits for us); only then does the FUSE
-loop stop and the file system get unmounted.  If someone else unmounts us,
-the loop ends by itself and everything else is cancelled.
+Shutdown order matters.  On SIGINT, SIGTERM, SIGHUP or SIGQUIT the last cache
+invalidations are delivered while FUSE still answers requests (a delivery can
+wait for a process that waits for us); only then does the FUSE loop stop, the
+file system get unmounted and the machine (its control socket with whatever
+clients it has) get cancelled.  If someone else unmounts us, the loop ends by
+itself and everything else is cancelled.  SIGUSR1 logs the trio task tree,
+whatever the daemon is doing: what a daemon that does not stop waits for.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import pyfuse3
@@ -35,6 +38,8 @@ from klpfs.sysfs.kernfs import Kernfs
 
 from .mountinfo import FSTYPE, find_mount
 from .operations import KernfsOperations
+from .sdnotify import sd_notify
+from .tasktree import task_tree
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +47,22 @@ FUSE_DEVICE = "/dev/fuse"
 FUSE_OPTIONS = frozenset({
     "fsname=klpfs", "subtype=klpfs",  # shows as "klpfs on MNT type fuse.klpfs"
     "default_permissions",            # the kernel checks modes and owners, as for sysfs
-    "allow_other",                    # sysfs is for everyone, not just the mounter
     "auto_unmount",                   # a killed daemon leaves no dead mount behind
 })
+ALLOW_OTHER = "allow_other"
+"""sysfs is for everyone, not just the mounter: asked for wherever fusermount3 allows it."""
+FUSE_CONF = Path("/etc/fuse.conf")
 LOG_FORMAT = "%(asctime)s klpfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""Each unmounts and ends the daemon cleanly (its socket and record removed).  Left to
+their default action SIGHUP (a closed terminal) and SIGQUIT would kill it as SIGKILL
+does, with both left behind."""
+DUMP_SIGNAL = signal.SIGUSR1
+"""Logs the trio task tree at warning level, so a log kept at any level has it."""
+SHUTDOWN_GRACE = 5.0
+"""Seconds FUSE requests under way at a stop signal have to finish (one waiting for
+cache invalidations gives up after 2) before they are cancelled: pyfuse3.main()
+waits for every one, and a daemon told to stop must stop."""
 
 
 class Machine(Protocol):
@@ -64,19 +81,44 @@ class MountError(Exception):
     """Why klpfs cannot (un)mount, in one line for the user's terminal."""
 
 
+def allow_other_allowed(conf: Path) -> bool:
+    """Whether fusermount3 takes allow_other from us: from root always, from another
+    user only where fuse.conf has a line `user_allow_other` (read_conf() in
+    fusermount.c: a line counts once it ends in a newline, from a '#' on is a
+    comment, and blanks around it do not count)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        lines = conf.read_text(errors="replace").split("\n")[:-1]
+    except OSError:
+        return False
+    return any(line.partition("#")[0].strip() == "user_allow_other" for line in lines)
+
+
+def default_fuse_options() -> set[str]:
+    """FUSE_OPTIONS, with allow_other where it is allowed: a user's mount would fail with it."""
+    return set(FUSE_OPTIONS | ({ALLOW_OTHER} if allow_other_allowed(FUSE_CONF) else set()))
+
+
 @dataclass
 class MountOptions:
-    """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR`` and ``hostkernel=DIR`` are
-    klpfs's own; the rest go to libfuse."""
+    """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR``, ``hostkernel=DIR`` and
+    ``debug`` are klpfs's own; the rest go to libfuse."""
 
-    fuse: set[str] = field(default_factory=lambda: set(FUSE_OPTIONS))
+    fuse: set[str] = field(default_factory=default_fuse_options)
     log: str | None = None
+    debug: bool = False
+    """Log at debug level (klpfs's messages and pyfuse3's), not info."""
     speed: float = 1.0
     procunion: str | None = None
     """A procfs to merge under the mount's proc/ (klpfs run's; see procunion.py)."""
     host_kernel: str | None = None
     """A /sys/kernel whose entries get empty stand-ins in sys/kernel, for klpfs run to bind
     them onto (see klpfs.control.run.add_host_placeholders)."""
+
+    @property
+    def log_level(self) -> int:
+        return logging.DEBUG if self.debug else logging.INFO
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> MountOptions:
@@ -86,7 +128,9 @@ class MountOptions:
                 name, _, arg = option.partition("=")
                 if not option:
                     raise MountError("empty mount option")
-                if name == "log":
+                if option == "debug":
+                    options.debug = True
+                elif name == "log":
                     if not arg:
                         raise MountError("log= needs a file name")
                     options.log = os.path.abspath(arg)
@@ -153,7 +197,7 @@ def mount(factory: MachineFactory, mountpoint: str, options: MountOptions,
         return 1
     if not foreground:
         return _daemonize(factory, path, options)
-    _log_to(options.log)
+    _log_to(options.log, options.log_level)
     try:
         trio.run(serve, factory, path, options.fuse)
     except MountError as exc:
@@ -164,37 +208,61 @@ def mount(factory: MachineFactory, mountpoint: str, options: MountOptions,
 
 async def serve(factory: MachineFactory, mountpoint: str, fuse_options: set[str],
                 ready: Callable[[], None] | None = None) -> None:
-    """Build the machine, mount it, serve until told to stop; always unmount.
+    """Build the machine, mount it, serve until told to stop; always unmount."""
+    with trio.open_signal_receiver(*STOP_SIGNALS, DUMP_SIGNAL) as signals:
+        stop = trio.Event()
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(_watch_signals, signals, stop)
+            failure = await _serve(factory, mountpoint, fuse_options, stop, ready)
+            watcher.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    """For the daemon's whole life, shutdown included: a stop signal sets `stop`, the
+    dump signal logs the task tree."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == DUMP_SIGNAL:
+            log.warning("%s: trio tasks:\n%s", name, task_tree())
+        elif not stop.is_set():
+            log.info("%s: unmounting", name)
+            stop.set()
+
+
+async def _serve(factory: MachineFactory, mountpoint: str, fuse_options: set[str], stop: trio.Event,
+                 ready: Callable[[], None] | None) -> MountError | None:
+    """Serve until `stop` or an unmount; why mounting failed, if it did.
 
     The machine runs before the mount exists and stops after it is gone: its
     trio thread must never touch a path under the mountpoint while mounted
     (a stat of the mountpoint would wait for an answer only this thread can
     give), and setting up or tearing down is when it is tempted to.
     """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        machine = factory(mountpoint)
-        operations = getattr(machine, "operations", None) or KernfsOperations(machine.kernfs)
-        failure = None
-        async with trio.open_nursery() as background:
-            await background.start(machine.run)
+    machine = factory(mountpoint)
+    operations = getattr(machine, "operations", None) or KernfsOperations(machine.kernfs)
+    failure = None
+    async with trio.open_nursery() as background:
+        await background.start(machine.run)
+        log.debug("mounting on %s with the FUSE options %s", mountpoint, ",".join(sorted(fuse_options)))
+        try:
+            pyfuse3.init(operations, mountpoint, fuse_options)
+        except RuntimeError as exc:
+            failure = MountError(f"cannot mount on {mountpoint}: {exc}")
+        else:
+            log.info("mounted on %s", mountpoint)
+            stopped_here = True
             try:
-                pyfuse3.init(operations, mountpoint, fuse_options)
-            except RuntimeError as exc:
-                failure = MountError(f"cannot mount on {mountpoint}: {exc}")
-            else:
-                log.info("mounted on %s", mountpoint)
-                stopped_here = True
-                try:
-                    stopped_here = await _serve_mounted(operations, signals, ready)
-                finally:
-                    pyfuse3.close(unmount=stopped_here)
-                    log.info("unmounted %s", mountpoint)
-            background.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+                stopped_here = await _serve_mounted(operations, stop, ready)
+            finally:
+                pyfuse3.close(unmount=stopped_here)
+                log.info("unmounted %s", mountpoint)
+        background.cancel_scope.cancel()
+    return failure
 
 
-async def _serve_mounted(operations: KernfsOperations, signals: trio.abc.ReceiveChannel[int],
+async def _serve_mounted(operations: KernfsOperations, stop: trio.Event,
                          ready: Callable[[], None] | None) -> bool:
     """True when a signal stopped us (we unmount), False when we were unmounted."""
     by_signal = False
@@ -208,20 +276,24 @@ async def _serve_mounted(operations: KernfsOperations, signals: trio.abc.Receive
             await invalidation.start(operations.invalidator.run)
             if ready is not None:
                 ready()
-            async for signum in signals:
-                log.info("%s: unmounting", signal.Signals(signum).name)
-                by_signal = True
-                break
+            sd_notify("READY=1")
+            await stop.wait()
+            sd_notify("STOPPING=1")
+            by_signal = True
             invalidation.cancel_scope.cancel()  # finishes a delivery while FUSE still serves
         operations.shutdown()  # a read waiting for a record would hold the loop
         pyfuse3.terminate()
+        await trio.sleep(SHUTDOWN_GRACE)  # cut short by fuse_loop once the requests are done
+        log.warning("FUSE requests still under way %gs after the stop signal, cancelled; "
+                    "trio tasks:\n%s", SHUTDOWN_GRACE, task_tree())
+        fuse.cancel_scope.cancel()
     return by_signal
 
 
-def _log_to(path: str | None) -> None:
+def _log_to(path: str | None, level: int) -> None:
     handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _daemonize(factory: MachineFactory, mountpoint: str, options: MountOptions) -> int:
@@ -268,7 +340,7 @@ def _daemon(factory: MachineFactory, mountpoint: str, options: MountOptions,
         os.dup2(null, 2)
 
     if options.log:
-        _log_to(options.log)
+        _log_to(options.log, options.log_level)
     try:
         trio.run(serve, factory, mountpoint, options.fuse, ready)
         status = 0

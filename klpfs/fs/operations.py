@@ -30,10 +30,11 @@ never cached (ENOENT, not a zero inode).
 
 Each handler turns an unexpected exception into a logged EIO, so a bug in a
 show or store callback fails one syscall and the mount stays up.  A show or
-store that faults in the emulated kernel (klpfs.kernel.oops.PageFault: a
-force-removed patch module's attributes) is an oops of the process that
-opened the file, which is then killed, as the kernel kills it.  Handlers
-can be called directly, without FUSE (``ctx`` is unused and may be None).
+store that faults in the emulated kernel (klpfs.kernel.oops.KernelFault: a
+force-removed patch module's attributes, a show that overflows the kernel
+stack) is an oops of the process that opened the file, which is then killed,
+as the kernel kills it.  Handlers can be called directly, without FUSE
+(``ctx`` is unused and may be None).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import TypeVar
 
 import pyfuse3
 
-from klpfs.kernel.oops import PageFault
+from klpfs.kernel.oops import KernelFault
 from klpfs.sysfs.kernfs import PAGE_SIZE, Kernfs, KernfsNode, OpenFile
 
 from .invalidate import PAGE_CACHE_SPLICE, FuseNotifier, Invalidator, SpliceSizes
@@ -154,10 +155,17 @@ class KernfsOperations(pyfuse3.Operations):
         self._statfs.f_bsize = self._statfs.f_frsize = PAGE_SIZE
         self._statfs.f_namemax = 255
         kernfs.listeners.append(self)
+        kernfs.settlers.append(self.settle)
 
     def close(self) -> None:
         """Stop following the tree."""
         self.kernfs.listeners.remove(self)
+        self.kernfs.settlers.remove(self.settle)
+
+    async def settle(self) -> None:
+        """Until the kernel has been told of every change to the tree so far."""
+        if self.invalidator.pending:
+            await self.invalidator.settle()
 
     def shutdown(self) -> None:
         """The mount is going away: reads waiting in open files (dev/kmsg) end, so
@@ -243,10 +251,10 @@ class KernfsOperations(pyfuse3.Operations):
         self._handles[self._next_fh] = _Handle(node, file, reading, truncating, pid)
         return self._next_fh
 
-    def _oops(self, fault: PageFault, pid: int) -> pyfuse3.FUSEError:
+    def _oops(self, fault: KernelFault, pid: int) -> pyfuse3.FUSEError:
         """A show or store faulted in the kernel: the process in the system call oopses
-        (page_fault_oops()), so the oops is logged and the process killed with SIGKILL, as
-        make_task_dead() ends it; the call's own answer goes to nobody."""
+        (page_fault_oops(), handle_stack_overflow()), so the oops is logged and the process
+        killed with SIGKILL, as make_task_dead() ends it; the call's own answer goes to nobody."""
         fault.die(*self.oops_caller(pid))
         if pid > 0:
             try:
@@ -357,23 +365,22 @@ class KernfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            if self.invalidator.pending:
-                await self.invalidator.settle()
+            await self.settle()
             handle = self._handles[fh]
             if handle.file is not None:
                 return _checked(await handle.file.read(off, size))
             data = handle.data
-            if off == 0 or data is None:
+            if off == 0 or not isinstance(data, bytes):
                 try:
-                    data = Kernfs.read(handle.node)
-                except PageFault as fault:
+                    shown = Kernfs.read(handle.node)
+                except KernelFault as fault:
                     raise self._oops(fault, handle.pid) from None
-                if isinstance(data, int):
-                    raise pyfuse3.FUSEError(-data)
-                handle.data = data
+                if isinstance(shown, int):
+                    raise pyfuse3.FUSEError(-shown)
+                handle.data = data = shown
             elif not handle.node.active:
                 raise pyfuse3.FUSEError(errno.ENODEV)
-            return data[off:off + size]  # type: ignore[index]
+            return data[off:off + size]
         except Exception as exc:
             raise _answer(exc, "read", fh) from None
 
@@ -386,13 +393,12 @@ class KernfsOperations(pyfuse3.Operations):
             node = handle.node
             try:
                 result = Kernfs.write(node, buf)
-            except PageFault as fault:
+            except KernelFault as fault:
                 raise self._oops(fault, handle.pid) from None
             if node.active:
                 self.sizes.written(node.ino, size_bound(node), off + max(result, 0))
                 await self._truncated(handle)
-            if self.invalidator.pending:
-                await self.invalidator.settle()
+            await self.settle()
             if result < 0:
                 raise pyfuse3.FUSEError(-result)
             return result

@@ -10,12 +10,14 @@ to cat exactly when that task would see it.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 
 from klpfs.fs.procpid import USER_HZ, task_stat, task_status
+from klpfs.kernel.kallsyms import PADDING_PREFIX, KSym
 from klpfs.kernel.kernel import Kernel
 from klpfs.kernel.module import ModuleState, module_size, taint_letters
-from klpfs.kernel.oops import PageFault
+from klpfs.kernel.oops import KernelFault
 from klpfs.kernel.sched import Task, stack_lines
 from klpfs.sysfs.kernfs import Kernfs, KernfsNode
 
@@ -43,7 +45,7 @@ class ProcFs:
         self._dirs: dict[int, KernfsNode] = {}
         self._ftrace_enabled = 1
         for name, func in SHOW_FUNCTIONS.items():
-            kernfs.create_file(proc, name, 0o444, lambda func=func: self._call(func), size=0)
+            kernfs.create_file(proc, name, 0o444, functools.partial(self._call, func), size=0)
         kernfs.create_file(proc, "modules", 0o444, self._modules, size=0)
         kernfs.create_file(proc, "kallsyms", 0o444, self._kallsyms, size=0, seq=True)
         # Whoever reads the mount stands for the console shell's children, as `cat` would be.
@@ -81,25 +83,33 @@ class ProcFs:
             return ""
         try:
             return kernel.call(func, kernel.console).output
-        except PageFault as fault:  # the reader's read(2) went through seq_read() to the function
-            fault.trace = (*fault.trace[:1], *PROC_READ_TRACE)
+        except KernelFault as fault:  # the reader's read(2) went through seq_read() to the function
+            fault.reached_from(PROC_READ_TRACE)
             raise
 
     def _kallsyms(self) -> str:
         """/proc/kallsyms (s_show): vmlinux's functions, then each module's with its
         name; a name that occurs more than once is a static function, 't'.  Module
-        symbols are listed newest module first, as the module list is walked."""
+        symbols are listed newest module first, as the module list is walked.  With
+        CONFIG_CALL_PADDING each function's padding comes first, as the __pfx_ symbol
+        objtool gives it, of the function's own type."""
         kallsyms = self._kernel.kallsyms
         lines = []
         vmlinux = kallsyms.symbols(None)
         counts: dict[str, int] = {}
         for sym in vmlinux:
             counts[sym.name] = counts.get(sym.name, 0) + 1
+
+        def entries(sym: KSym, kind: str, suffix: str) -> None:
+            if kallsyms.padding:
+                lines.append(f"{sym.addr - kallsyms.padding:016x} {kind} {PADDING_PREFIX}{sym.name}{suffix}\n")
+            lines.append(f"{sym.addr:016x} {kind} {sym.name}{suffix}\n")
+
         for sym in vmlinux:
-            lines.append(f"{sym.addr:016x} {'t' if counts[sym.name] > 1 else 'T'} {sym.name}\n")
+            entries(sym, "t" if counts[sym.name] > 1 else "T", "")
         for module in reversed([m for m in kallsyms.objects() if m is not None]):
             for sym in kallsyms.symbols(module):
-                lines.append(f"{sym.addr:016x} t {sym.name}\t[{module}]\n")
+                entries(sym, "t", f"\t[{module}]")
         return "".join(lines)
 
     def _modules(self) -> str:
@@ -121,15 +131,15 @@ class ProcFs:
                 self._kernfs.create_dir(node, "task", 0o555), str(task.pid), 0o555), task)
             self._dirs[task.pid] = node
         else:
-            node = self._dirs.pop(task.pid, None)
-            if node is not None:
-                self._kernfs.remove(node)
+            gone = self._dirs.pop(task.pid, None)
+            if gone is not None:
+                self._kernfs.remove(gone)
 
     def _task_files(self, node: KernfsNode, task: Task) -> None:
         kernfs = self._kernfs
         sched = self._kernel.sched
         start_ticks = round(self._kernel.now() * USER_HZ)  # the fork event comes as the task starts
-        kernfs.create_file(node, "comm", 0o644, lambda: f"{task.comm}\n", size=0)
+        kernfs.create_file(node, "comm", 0o644, lambda: f"{task.proc_name}\n", size=0)
         kernfs.create_file(node, "stat", 0o444, lambda: task_stat(sched, task, start_ticks), size=0)
         kernfs.create_file(node, "status", 0o444, lambda: task_status(sched, task), size=0)
         kernfs.create_file(node, "patch_state", 0o400, lambda: f"{task.patch_state}\n", size=0)

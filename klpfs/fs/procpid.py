@@ -52,7 +52,7 @@ def task_stat(sched: Sched, task: Task, start_ticks: int) -> str:
         0, 0, 0, 0, 0, 0, 0,                     # start_data .. env_end
         0,                                       # exit_code
     ]
-    return f"{task.pid} ({task.comm}) " + " ".join(str(f) for f in fields) + "\n"
+    return f"{task.pid} ({task.proc_name}) " + " ".join(str(f) for f in fields) + "\n"
 
 
 def task_status(sched: Sched, task: Task) -> str:
@@ -60,7 +60,7 @@ def task_status(sched: Sched, task: Task) -> str:
     pgrp, session = _group_ids(task)
     cpus = len(sched.cpu_online)
     lines = [
-        ("Name", task.comm), ("Umask", "0022" if task.kind is TaskKind.USER else "0000"),
+        ("Name", task.proc_name), ("Umask", "0022" if task.kind is TaskKind.USER else "0000"),
         ("State", STATE_NAMES.get(task_state(sched, task), "S (sleeping)")),
         ("Tgid", task.pid), ("Ngid", 0), ("Pid", task.pid), ("PPid", task.ppid), ("TracerPid", 0),
         ("Uid", "0\t0\t0\t0"), ("Gid", "0\t0\t0\t0"), ("FDSize", 64), ("Groups", " "),

@@ -36,6 +36,7 @@ import errno
 import os
 import select
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -332,7 +333,7 @@ class ProcUnionOperations(KernfsOperations):
         except Exception as exc:
             raise _answer(exc, "lookup", (parent_inode, name)) from None
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
             node = self._nodes.get(inode)
             if node is not None:
@@ -505,23 +506,23 @@ class ProcUnionOperations(KernfsOperations):
             entries = listing.entries
             for i in range(max(0, start_id - 2), len(entries)):
                 name, target, st = entries[i]
-                node = self._resolve(target)
-                if isinstance(node, KernfsNode):
-                    if not node.active:
+                entry = self._resolve(target)
+                if isinstance(entry, KernfsNode):
+                    if not entry.active:
                         continue
-                    attrs = self._handing_out(node)
+                    attrs = self._handing_out(entry)
                 else:
                     try:
-                        attrs = self._uattr(node, st)
+                        attrs = self._uattr(entry, st)
                     except pyfuse3.FUSEError:
-                        self._drop_if_unused(node)
+                        self._drop_if_unused(entry)
                         continue
                 if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), attrs, i + 3):
-                    if isinstance(node, UNode):
-                        self._drop_if_unused(node)
+                    if isinstance(entry, UNode):
+                        self._drop_if_unused(entry)
                     return
-                if isinstance(node, UNode):
-                    node.nlookup += 1
+                if isinstance(entry, UNode):
+                    entry.nlookup += 1
         except Exception as exc:
             raise _answer(exc, "readdir", fh) from None
 

@@ -109,8 +109,8 @@ class RealTasks:
             if stat is not None:
                 seen.append((stat.start, int(name), stat))
         alive = {pid for _, pid, _ in seen}
-        for pid, known in list(self._known.items()):
-            if pid not in alive or known.task.exited:
+        for pid, registered in list(self._known.items()):
+            if pid not in alive or registered.task.exited:
                 self._forget(pid)
         for _, pid, stat in sorted(seen):  # parents, started earlier, first
             known = self._known.get(pid)

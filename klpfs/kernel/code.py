@@ -8,7 +8,7 @@ thread.  Engine operations stay synchronous; a sleep switches back to
 whoever resumed the task (the timer loop, a control request), and the timer
 that ends the sleep switches into the task again.
 
-Two rules keep the daemon safe from the code it runs:
+Three rules keep the daemon safe from the code it runs:
 
 - **A budget.**  Module code may run at most `LINE_BUDGET` of its own
   source lines between two sleeps.  Past that the code is stopped where it
@@ -18,10 +18,19 @@ Two rules keep the daemon safe from the code it runs:
   behalf is free.
 - **Contained faults.**  An exception escaping module code is an oops: it
   is logged with the function, the module and the source line, and never
-  reaches the engine code that called the module.  Code that was not
+  reaches the engine code that called the module; a task of its own (a
+  kthread, a kworker, insmod) whose code faults exits, as make_task_dead()
+  ends a task after its oops.  Code that was not
   started as a task of its own (callbacks, show functions, parameter
   setters run inside an engine operation) may not sleep: that is the
   kernel's "sleeping function called from invalid context".
+- **A stack.**  Every call through the emulated call path takes a frame of
+  the task's kernel stack (Kernel.call), and a task that runs out of it
+  faults as the kernel does on its guard page (klpfs.kernel.oops.StackOverflow),
+  long before Python's own recursion limit.  Such a kernel fault is an oops
+  of the task whose stack ran out; code run inside a process's system call
+  (a read(2) of a /proc file) leaves it to whoever made that call, who knows
+  which process it was and kills it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import greenlet
 import trio
 
 from klpfs.kernel.module import TAINT_DIE, TAINT_SOFTLOCKUP
+from klpfs.kernel.oops import KernelFault
 from klpfs.kernel.printk import KERN_ALERT, KERN_ERR, KERN_WARNING
 
 if TYPE_CHECKING:
@@ -144,17 +154,23 @@ class CodeRunner:
     # -- starting and switching ------------------------------------------------
 
     def start(self, task: Task, fn: Callable[..., Any], *args: Any) -> Run:
-        """Run fn(*args) as task, on a stack of its own, until it returns or sleeps."""
+        """Run fn(*args) as task, on a stack of its own, until it returns or sleeps.
+        Code that faults ends the task (a kthread, a kworker), as make_task_dead()
+        ends a task after its oops."""
         def body(*_: Any) -> None:
             try:
                 run.result = fn(*args)
             except TaskKilled:
                 pass
+            except KernelFault as fault:
+                run.fault = self.die(fault, task)
             except BaseException as e:  # noqa: BLE001 - every fault of module code is contained here
                 run.fault = self.oops(task, e)
             finally:
                 self._runs.pop(task.pid, None)
                 task.frames.clear()
+            if run.fault is not None and not task.exited:
+                self._kernel.sched.exit(task)
         run = Run(task, greenlet.greenlet(body, parent=self._main))
         self._runs[task.pid] = run
         self._run_soon(lambda: self._switch(run))
@@ -237,10 +253,24 @@ class CodeRunner:
     # -- calls from the engine into module code ---------------------------------------
 
     def guarded(self, fn: Callable[..., Any], *args: Any, fallback: Any = None) -> Any:
-        """Call module code from engine code: a fault is an oops and returns `fallback`."""
+        """Call module code from engine code: a fault is an oops and returns `fallback`.
+
+        A kernel fault too: the engine operation that called the code (a callback
+        in the middle of enabling a patch, a show) must complete, so the task that
+        ran into it is named by the oops but lives on."""
+        try:
+            return self.guarded_syscall(fn, *args, fallback=fallback)
+        except KernelFault as fault:
+            self.die(fault, self._kernel.current)
+            return fallback
+
+    def guarded_syscall(self, fn: Callable[..., Any], *args: Any, fallback: Any = None) -> Any:
+        """Call module code inside a process's system call (a read(2) of a /proc file,
+        a control request): a fault of the code is an oops and returns `fallback`, but
+        a kernel fault propagates, for the caller to end the process it stands for."""
         try:
             return self.traced(fn, *args)
-        except (TaskKilled, greenlet.GreenletExit):
+        except (TaskKilled, greenlet.GreenletExit, KernelFault):
             raise
         except BaseException as e:  # noqa: BLE001 - module faults never reach the engine
             self.oops(self.current, e)
@@ -261,6 +291,14 @@ class CodeRunner:
             self._drain()
 
     # -- faults -----------------------------------------------------------------------
+
+    def die(self, fault: KernelFault, task: Task) -> str:
+        """The oops of a kernel fault in code that `task` ran, named after the task the
+        fault happened on when it is known (the one that overflowed its stack); its text."""
+        victim = fault.task or task
+        fault.die(victim.pid, victim.comm, victim.cpu)
+        where = code_location(fault.__traceback__, self.sources)
+        return f"{fault} at {where}" if where else str(fault)
 
     def oops(self, task: Task | None, e: BaseException) -> str:
         """Log a fault of module code the way the kernel logs an oops or a lockup; return its text."""

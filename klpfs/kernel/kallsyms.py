@@ -17,6 +17,10 @@ VMLINUX_TEXT = 0xFFFFFFFF81000000
 MODULES_TEXT = 0xFFFFFFFFC0000000
 MODULE_SPAN = 0x100000
 FUNC_ALIGN = 16
+FUNCTION_PADDING_BYTES = 16
+"""CONFIG_CALL_PADDING's padding before each function (x86, CONFIG_FUNCTION_PADDING_BYTES)."""
+PADDING_PREFIX = "__pfx_"
+"""The symbol objtool gives a function's padding: __pfx_<function>."""
 
 Body = Callable[..., object]
 """What calling the function does: body(*args) -> its return value, run as
@@ -43,10 +47,18 @@ class KSym:
     body: Body = field(default=const_body(""))
     traceable: bool = True
     """False for notrace functions: ftrace has no location for them."""
+    ret: int | None = None
+    """Where in it a frame of a sleeping task returns to, when the kernel shown has it;
+    by default the middle of the function."""
 
     @property
     def object_name(self) -> str:
         return self.module or "vmlinux"
+
+    @property
+    def return_offset(self) -> int:
+        """The offset of the return address a call made from inside it leaves on a stack."""
+        return self.size // 2 if self.ret is None else self.ret
 
     def contains(self, addr: int) -> bool:
         return self.addr <= addr < self.addr + self.size
@@ -60,12 +72,19 @@ class FuncDef:
     size: int = 0x100
     body: Body = field(default=const_body(""))
     traceable: bool = True
+    ret: int | None = None
+    """KSym.ret."""
 
 
 class Kallsyms:
-    """Symbol tables by object (None = vmlinux) plus an address index."""
+    """Symbol tables by object (None = vmlinux) plus an address index.
 
-    def __init__(self) -> None:
+    With `padding` (CONFIG_CALL_PADDING) every function is laid out that many
+    bytes after the previous one's end, the padding its __pfx_ symbol.
+    """
+
+    def __init__(self, padding: int = 0) -> None:
+        self.padding = padding
         self._by_object: dict[str | None, list[KSym]] = {}
         self._starts: list[int] = []
         self._at: dict[int, KSym] = {}
@@ -82,7 +101,8 @@ class Kallsyms:
             self._next_module_base += MODULE_SPAN * (1 + sum(f.size for f in funcs) // MODULE_SPAN)
         syms = []
         for f in funcs:
-            sym = KSym(f.name, addr, f.size, module, f.body, f.traceable)
+            addr += self.padding
+            sym = KSym(f.name, addr, f.size, module, f.body, f.traceable, f.ret)
             syms.append(sym)
             self._at[addr] = sym
             bisect.insort(self._starts, addr)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from klpfs.kernel.sched import KTHREAD_BASE, TASK_UNINTERRUPTIBLE, TaskKind
+from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE, TaskKind
 from klpfs.kernel.wait import WAIT_FOR_COMPLETION, WaitQueueHead, wait_event
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Kthreads:
     def create(self, threadfn: Callable[[object], object], data: object, comm: str) -> Task:
         """kthread_create(): a new kernel thread, not yet running its function."""
         kernel = self._kernel
-        task = kernel.sched.add(comm, TaskKind.KTHREAD, kernel.kallsyms.find_each(KTHREAD_BASE), ppid=2)
+        task = kernel.sched.add(comm, TaskKind.KTHREAD, kernel.sched.kthread_base(), ppid=2)
         self._threads[task.pid] = Kthread(threadfn, data)
         return task
 

@@ -94,8 +94,8 @@ class Module:
     dyndbg: list[Ddebug] = field(default_factory=list)
     """Its pr_debug() callsites (the __dyndbg section), registered while it is loaded."""
     core_size: int | None = None
-    """core_layout.size of a module loaded from a .ko (klpfs.elf.coresize); None: a module
-    from a Python or TOML file, laid out by `source_layout`."""
+    """core_layout.size of a module loaded from a .ko (klpfs.elf.coresize) or, once loaded,
+    of one from a Python or TOML file (`source_layout`)."""
     init_size: int = 0
     """init_layout.size of a .ko: counted until init has run and freed it."""
 
@@ -104,13 +104,23 @@ PAGE_SIZE = 4096
 ELF64_SYM_SIZE = 24
 MOD_KALLSYMS_SIZE = 32
 """sizeof(struct mod_kallsyms), which layout_symtab() puts in the init area."""
+THIS_MODULE_SIZE = 0x500
+"""sizeof(struct module) of the 6.x kernels: the .gnu.linkonce.this_module in its data."""
+KLP_DATA_SIZE = 200 + 2 * 168 + 2 * 152
+"""A small livepatch module's klp_patch and its klp_object[] and klp_func[], each array
+with its terminating entry (klpfs.elf.layouts, 5.5 on)."""
+KBUILD_SYMBOLS = 48
+"""The symbols a kbuild-made .ko has besides its functions and __this_module: section and
+file symbols, modinfo and __addressable ids, imports (a small livepatch .ko has about 50)."""
+KBUILD_SYMBOL_NAME = 16
+"""Their names' length, on average."""
 
 
 def _page_align(size: int) -> int:
     return -(-size // PAGE_SIZE) * PAGE_SIZE
 
 
-def source_layout(mod: Module) -> tuple[int, int]:
+def source_layout(mod: Module, module_memory: bool = False) -> tuple[int, int]:
     """(core_layout.size, init_layout.size) for a module from a Python or TOML file.
 
     Such a module has no sections, so it is laid out as layout_sections() and
@@ -122,15 +132,25 @@ def source_layout(mod: Module) -> tuple[int, int]:
     thus shows 16384 in /proc/modules, as the kernel's samples do on a 6.1 kernel; the
     init area (.init.text, the whole symbol table and struct mod_kallsyms) adds two
     pages until init has run.
+
+    With `module_memory` (6.4 on) the kept symbols go into the data area, which holds
+    struct module too: a plain module's few named symbols fit in its page (12288 on the
+    6.12 kernel observed), while a livepatch module keeps every symbol of its object
+    (layout_symtab(): is_livepatch_module()) beside its klp structures, which takes even
+    a small one past the page (16384).
     """
     from klpfs.kernel.kallsyms import FUNC_ALIGN
     text = sum(-(-sym.size // FUNC_ALIGN) * FUNC_ALIGN for sym in mod.symbols) or FUNC_ALIGN
     names = [sym.name for sym in mod.symbols] + ["__this_module"]
     # Elf64_Sym, the name and its NUL, the type byte; then the null symbol.
     symtab = sum(ELF64_SYM_SIZE + len(name.encode()) + 2 for name in names) + ELF64_SYM_SIZE + 1
-    core = _page_align(text) + PAGE_SIZE + PAGE_SIZE + _page_align(symtab)
     init = PAGE_SIZE + _page_align(symtab + MOD_KALLSYMS_SIZE)
-    return core, init
+    if not module_memory:
+        return _page_align(text) + PAGE_SIZE + PAGE_SIZE + _page_align(symtab), init
+    data = THIS_MODULE_SIZE + symtab
+    if mod.livepatch:
+        data += KLP_DATA_SIZE + KBUILD_SYMBOLS * (ELF64_SYM_SIZE + KBUILD_SYMBOL_NAME + 2)
+    return _page_align(text) + PAGE_SIZE + _page_align(data), init
 
 
 def module_size(mod: Module) -> int:
@@ -164,6 +184,8 @@ class ModuleLoader:
         points into it (a force-removed livepatch module's klp_patch) is left dangling."""
         self.force_unload = False
         """CONFIG_MODULE_FORCE_UNLOAD: delete_module(O_TRUNC) removes a module in use."""
+        self.module_memory = False
+        """The module_memory layout (6.4 on): kept symbols in the data area (`source_layout`)."""
 
     def parse_args(self, mod: Module, args: list[str]) -> int:
         """parse_args() of `insmod M name=value ...`: 0, or the first refusal's -errno, logged."""
@@ -245,6 +267,8 @@ class ModuleLoader:
         mod.state = ModuleState.UNFORMED
         mod.refcnt = 0
         mod.symbols = self._kallsyms.add_object(mod.name, mod.funcs)
+        if mod.core_size is None:
+            mod.core_size, mod.init_size = source_layout(mod, self.module_memory)
         for setup in self.sysfs_setup:
             setup(mod)
         mod.state = ModuleState.COMING
@@ -266,6 +290,11 @@ class ModuleLoader:
                 self.klp_going(mod)
             self._free(mod)
             return ret
+        if ret > 0:
+            # do_init_module(): a positive return is not an error, but not the convention.
+            self.printk(KERN_WARNING, f"do_init_module: '{mod.name}'->init suspiciously returned {ret}, "
+                                      "it should follow 0/-E convention")
+            self.printk(KERN_WARNING, "do_init_module: loading module anyway...")
         mod.state = ModuleState.LIVE
         self._notify(ModuleState.LIVE, mod)
         return 0

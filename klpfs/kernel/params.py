@@ -115,4 +115,5 @@ def get_param(spec: ParamSpec, values: MutableMapping[str, object]) -> str:
     array = values[spec.var]
     assert isinstance(array, list)
     count = values[spec.nump] if spec.nump is not None else len(array)
-    return param_array_get(spec.type, array[:count])  # type: ignore[misc]
+    assert isinstance(count, int)
+    return param_array_get(spec.type, array[:count])

@@ -17,6 +17,13 @@ CONSOLE_LOGLEVEL_MIN = 1
 CONSOLE_LOGLEVEL_DEFAULT = 7
 CONSOLE_LOGLEVEL_MOTORMOUTH = 15
 MESSAGE_LOGLEVEL_DEFAULT = 4
+CONSOLE_LOG_MAX = 1024
+"""The longest formatted record, prefix included (kernel/printk/printk.c)."""
+LOG_LINE_MAX = CONSOLE_LOG_MAX - 32
+"""CONSOLE_LOG_MAX - PREFIX_MAX (32 without CONFIG_PRINTK_CALLER, as Debian builds):
+the most vprintk_store() reserves for one record's text, its terminating NUL included."""
+KERN_PREFIX_LEN = 2
+"""KERN_SOH and the level digit: printk_sprint() formats them into the reserve, then strips them."""
 
 
 LOG_KERN, LOG_USER = 0, 1
@@ -54,6 +61,19 @@ class LogRecord:
         return f"[{self.timestamp:12.6f}] {self.text}"
 
 
+def truncate_record(text: str, limit: int = LOG_LINE_MAX - 1) -> str:
+    """The text vprintk_store() keeps: printk_sprint() formats into the LOG_LINE_MAX
+    bytes reserved, so at most LOG_LINE_MAX - 1 bytes of it, fewer by the prefix it
+    strips (a character cut in two keeps its first bytes, as the kernel's byte buffer does)."""
+    if len(text) <= limit // 4:
+        return text
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte: count characters
+        return text[:limit]
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "surrogateescape")
+
+
 class Printk:
     """printk(): append, tell listeners (dmesg -w), forget the oldest past the ring size."""
 
@@ -72,12 +92,13 @@ class Printk:
         minimum_console_loglevel, default_console_loglevel.  Only stored: no console is emulated."""
 
     def printk(self, level: int, text: str) -> None:
-        self.emit(level, text)
+        """printk(KERN_<level> "..."): the level's prefix took its bytes of the reserve."""
+        self.emit(level, truncate_record(text, LOG_LINE_MAX - 1 - KERN_PREFIX_LEN))
 
     def emit(self, level: int, text: str, facility: int = LOG_KERN, caller: int | None = None,
              flags: int = LOG_NEWLINE) -> LogRecord:
         """vprintk_store(): one record, whatever its level (/dev/kmsg writes come here directly)."""
-        record = LogRecord(self._seq, level, round(self._now() * 1_000_000) / 1_000_000, text,
+        record = LogRecord(self._seq, level, round(self._now() * 1_000_000) / 1_000_000, truncate_record(text),
                            facility, flags, self.caller_id() if caller is None else caller)
         self._seq += 1
         self.records.append(record)

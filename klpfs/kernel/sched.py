@@ -10,7 +10,8 @@ entered: the original, an older patch's or the new one.
 Work flags (TIF_*) that have a handler registered in `exit_work` are
 serviced where the kernel services them: when a user task returns to user
 space and when an idle task goes round the idle loop.  A user task running
-in user mode and the idle task of an idle CPU get there within a tick.
+in user mode and the idle task of an idle CPU get there within a tick, and
+an idle CPU at once when an IPI reaches it (`static_call_update`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TIF_SIGPENDING = "TIF_SIGPENDING"
 REST_FRAMES = ("schedule", "__schedule")
 IDLE_REST_FRAMES = ("schedule_idle", "__schedule")
 KTHREAD_BASE = ("ret_from_fork", "kthread")
-"""The stack a new kernel thread rests on."""
+"""The stack a new kernel thread rests on until 6.5 (Sched.kthread_base: the profile's)."""
 USER_BASE = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64", "SyS_nanosleep", "hrtimer_nanosleep",
              "do_nanosleep")
 """The stack a new user process rests on: sleeping in nanosleep."""
@@ -86,13 +87,16 @@ class Activity:
 class Task:
     """task_struct, reduced to what livepatch and /proc look at."""
 
-    __slots__ = ("pid", "comm", "kind", "cpu", "ppid", "base", "state", "activity", "frames",
+    __slots__ = ("pid", "comm", "name", "kind", "cpu", "ppid", "base", "state", "activity", "frames",
                  "reliable_stack", "flags", "patch_state", "_tick", "exited")
 
     def __init__(self, pid: int, comm: str, kind: TaskKind, base: list[KSym], cpu: int = 0,
-                 ppid: int = 0, state: str = TASK_INTERRUPTIBLE):
+                 ppid: int = 0, state: str = TASK_INTERRUPTIBLE, name: str | None = None):
         self.pid = pid
         self.comm = comm[: TASK_COMM_LEN - 1]
+        self.name = name
+        """What /proc shows in place of comm, if anything (proc_task_name(): a kthread's
+        full name, a kworker's with its workqueue)."""
         self.kind = kind
         self.cpu = cpu
         self.ppid = ppid
@@ -106,6 +110,11 @@ class Task:
         self.patch_state = -1
         self._tick: Timer | None = None
         self.exited = False
+
+    @property
+    def proc_name(self) -> str:
+        """The name /proc/<pid>/comm, stat and status show."""
+        return self.name if self.name is not None else self.comm
 
     @property
     def in_user(self) -> bool:
@@ -135,6 +144,10 @@ class Sched:
         keeps running it every tick while the flag stays set."""
         self.task_notifiers: list[Callable[[str, Task], None]] = []
         """Told ("fork" | "exit", task), for the /proc view."""
+        self.fork_frames: tuple[str, ...] = ("ret_from_fork",)
+        """Where a new kernel thread's stack starts, outermost first (the profile's)."""
+        self.static_calls: dict[str, str] = {}
+        """Static call key -> the function its call sites call, once updated."""
         self.task_sources: list[Callable[[], None]] = []
         """Bring the task list up to date with tasks that live outside the
         emulator (the real processes of a `klpfs run`); see `refresh`."""
@@ -153,6 +166,10 @@ class Sched:
         yield from self.tasks.values()
         yield from self.idle_tasks
 
+    def kthread_base(self) -> list[KSym]:
+        """The stack a new kernel thread rests on: its fork frames, then kthread()."""
+        return self._kallsyms.find_each((*self.fork_frames, "kthread"))
+
     def find(self, pid: int) -> Task | None:
         return self.tasks.get(pid)
 
@@ -167,12 +184,12 @@ class Sched:
         return task
 
     def add(self, comm: str, kind: TaskKind, base: list[KSym], ppid: int = 0,
-            pid: int | None = None, foreign: bool = False) -> Task:
+            pid: int | None = None, foreign: bool = False, name: str | None = None) -> Task:
         """A new task, copying its parent's patch state and pending flag (spec §8.12).
 
         `foreign`: the pid was handed out outside the emulator (a real process
         of `klpfs run`), so it does not move where the emulator's own pids
-        continue from.
+        continue from.  `name`: Task.name.
         """
         if pid is None:
             pid = self._next_pid
@@ -180,7 +197,7 @@ class Sched:
                 pid += 1
         if not foreign:
             self._next_pid = max(self._next_pid, pid + 1)
-        task = Task(pid, comm, kind, base, cpu=pid % len(self.cpu_online), ppid=ppid)
+        task = Task(pid, comm, kind, base, cpu=pid % len(self.cpu_online), ppid=ppid, name=name)
         parent = self.tasks.get(ppid)
         if parent is not None:
             task.patch_state = parent.patch_state
@@ -337,7 +354,8 @@ class Sched:
             if act is not None:
                 remaining = None if act.wake_at is None else max(0.0, act.wake_at - self._timers.now())
                 self._end_activity(task)
-                self.sleep_in(task, act.func, self._resolve(act.func, task), act.state, remaining, act.on_wake)
+                impl = None if act.func is None else self._resolve(act.func, task)
+                self.sleep_in(task, act.func, impl, act.state, remaining, act.on_wake)
         elif task.state == TASK_RUNNING:
             self._arm_tick(task)
 
@@ -347,6 +365,32 @@ class Sched:
         if task.state == TASK_INTERRUPTIBLE and task.activity is not None:
             self.wake(task)
 
+    # -- code patching ----------------------------------------------------------------
+
+    def static_call_update(self, key: str, func: str) -> None:
+        """static_call_update(): point static call `key`'s call sites at `func`.
+
+        __static_call_update() returns early when the key already calls `func`;
+        otherwise the sites are rewritten with text_poke_bp(), which ends in
+        text_poke_sync(): on_each_cpu(do_sync_core), an IPI to every CPU.
+        """
+        if self.static_calls.get(key) == func:
+            return
+        self.static_calls[key] = func
+        self.ipi_all_cpus()
+
+    def ipi_all_cpus(self) -> None:
+        """A call-function IPI to every online CPU (on_each_cpu()).
+
+        An idle CPU leaves do_idle()'s loop: call_function_single_prep_ipi() sets
+        TIF_NEED_RESCHED on its polling idle task instead of interrupting it, and
+        on its way round the idle task passes the loop's switch point, the work
+        after schedule_idle().  A CPU running a task just goes back to it.
+        """
+        for idle in self.idle_tasks:
+            if self.idle_running(idle):
+                self._return_to_user(idle)
+
     # -- switch points ---------------------------------------------------------------
 
     def set_flag(self, task: Task, flag: str) -> None:
@@ -355,7 +399,8 @@ class Sched:
         self._arm_tick(task)
 
     def _return_to_user(self, task: Task) -> None:
-        """exit_to_usermode_loop: service the pending work flags."""
+        """exit_to_usermode_loop, or an idle task's way round do_idle(): service the
+        pending work flags."""
         for flag in list(task.flags):
             handler = self.exit_work.get(flag)
             if handler is not None:
@@ -403,7 +448,7 @@ class Sched:
 
 def return_address(sym: KSym) -> int:
     """Where a frame inside sym returns to: somewhere in its body."""
-    return sym.addr + sym.size // 2
+    return sym.addr + sym.return_offset
 
 
 def in_sched_functions(sym: KSym) -> bool:
@@ -423,5 +468,5 @@ def stack_lines(frames: list[KSym]) -> list[str]:
     """/proc/<pid>/stack lines of a call chain (outermost first), as proc_pid_stack()
     prints what stack_trace_save_tsk() saved: "[<0>] %pB" innermost first, the address
     hidden and a module function followed by its module's name."""
-    return [f"[<0>] {sym.name}+{sym.size // 2:#x}/{sym.size:#x}" + (f" [{sym.module}]" if sym.module else "")
+    return [f"[<0>] {sym.name}+{sym.return_offset:#x}/{sym.size:#x}" + (f" [{sym.module}]" if sym.module else "")
             for sym in stack_trace_save_tsk(frames)]

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE, TaskKind
-from klpfs.kernel.timers import Timer
-from klpfs.kernel.wait import WAIT_FOR_COMPLETION, WaitQueueHead, check_seconds, wait_event
+from klpfs.kernel.timers import HZ, MAX_JIFFY_OFFSET, Timer, ticks
+from klpfs.kernel.wait import WAIT_FOR_COMPLETION, WaitQueueHead, wait_event
 
 if TYPE_CHECKING:
     from klpfs.kernel.kernel import Kernel
@@ -31,6 +31,8 @@ class Work:
         self.worker: Task | None = None
         """The kworker running it now."""
         self.done = WaitQueueHead()
+        self.canceling = False
+        """cancel_work_sync() is under way (WORK_OFFQ_CANCELING): queueing it does nothing."""
 
 
 class DelayedWork(Work):
@@ -42,25 +44,32 @@ class DelayedWork(Work):
 
 
 def queue_work(kernel: Kernel, work: Work) -> bool:
-    """schedule_work(): False if it was already pending."""
-    if work.pending:
+    """schedule_work(): False if it was already pending, or is being cancelled."""
+    if work.pending or work.canceling:
         return False
     work.pending = True
     kernel.timers.call_later(0, lambda: _execute(kernel, work))
     return True
 
 
-def queue_delayed_work(kernel: Kernel, dwork: DelayedWork, seconds: float) -> bool:
-    """schedule_delayed_work(): False if it was already pending."""
-    check_seconds(seconds)
-    if dwork.pending:
+def queue_delayed_work(kernel: Kernel, dwork: DelayedWork, delay: int) -> bool:
+    """schedule_delayed_work(dwork, delay): False if it was already pending.
+
+    `delay` is in jiffies, as in C.  As __queue_delayed_work() does, a delay of 0
+    queues the work at once; otherwise its timer expires `delay` ticks after the
+    current one (jiffies + delay), on a tick: a work that re-arms itself runs at
+    most once a jiffy, never faster than the kernel's timer wheel could fire it."""
+    if not 0 <= delay <= MAX_JIFFY_OFFSET:
+        raise ValueError(f"queue_delayed_work: delay {delay} is not 0 to MAX_JIFFY_OFFSET jiffies")
+    if dwork.pending or dwork.canceling:
         return False
     dwork.pending = True
 
     def fire() -> None:
         dwork.timer = None
         _execute(kernel, dwork)
-    dwork.timer = kernel.timers.call_later(seconds, fire)
+    now = kernel.now()
+    dwork.timer = kernel.timers.call_at(now if delay == 0 else (ticks(now) + delay) / HZ, fire)
     return True
 
 
@@ -108,9 +117,16 @@ def cancel_work(kernel: Kernel, work: Work) -> bool:
 
 
 def cancel_work_sync(kernel: Kernel, work: Work) -> bool:
-    """cancel_*_sync(): drop a pending run and wait for a running one."""
+    """cancel_*_sync(): drop a pending run and wait for a running one.  While it waits
+    the work is marked canceling, so a run that queues it again (a work that re-arms
+    itself) queues nothing and the wait ends, as __cancel_work_timer() keeps the
+    work's PENDING bit until the running instance has finished."""
     was_pending = cancel_work(kernel, work)
-    flush_work(kernel, work)
+    work.canceling = True
+    try:
+        flush_work(kernel, work)
+    finally:
+        work.canceling = False
     return was_pending
 
 
@@ -119,6 +135,7 @@ def idle_kworker(kernel: Kernel) -> Task:
     sched = kernel.sched
     for task in sched.tasks.values():
         if (task.kind is TaskKind.KTHREAD and task.comm.startswith("kworker/") and task.activity is None
+                and not task.comm.startswith("kworker/R-")  # a rescuer (6.6 on) runs no ordinary work
                 and not task.frames and kernel.code.running(task) is None):
             return task
     template = next(t for t in sched.tasks.values() if t.comm.startswith("kworker/"))

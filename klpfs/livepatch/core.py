@@ -272,7 +272,7 @@ class Livepatch:
             return -errno.EINVAL
         obj.patched = False
         obj.mod = None
-        if klp_is_module(obj):
+        if klp_is_module(obj) and obj.name is not None:
             mod = self.kernel.modules.find_module(obj.name)
             if mod is not None and mod.klp_alive:
                 obj.mod = mod

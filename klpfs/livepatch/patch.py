@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from klpfs.kernel.ftrace import FTRACE_OPS_FL_IPMODIFY, FTRACE_OPS_FL_PERMANENT, FTRACE_OPS_FL_SAVE_REGS, FtraceOps
 from klpfs.kernel.oops import PageFault
@@ -66,8 +66,9 @@ def klp_patch_func(lp: Livepatch, func: KlpFunc) -> int:
     if lp.profile.ftrace_save_regs:
         flags |= FTRACE_OPS_FL_SAVE_REGS
     handler = lp.kernel.kallsyms.find("klp_ftrace_handler")
-    ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(ops, ip, task, lp), flags,
-                           handler.addr if handler is not None else 0), [func])
+    new_ops = KlpOps(FtraceOps(lambda ip, task: klp_ftrace_handler(new_ops, ip, cast("Task", task), lp), flags,
+                               handler.addr if handler is not None else 0), [func])
+    ops = new_ops
     lp.klp_ops.append(ops)
     ret = ftrace.set_filter_ip(ops.fops, ftrace_loc)
     if ret:

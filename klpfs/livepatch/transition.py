@@ -5,10 +5,16 @@ Tasks switch when they are seen not to be inside the code being replaced
 (klp_try_switch_task), on return to user space and in the idle loop
 (klp_update_patch_state), or when forced.  An unsuccessful attempt re-arms
 the retry work for the next whole second.
+
+From 6.4 a transition also points the cond_resched static call at
+klp_cond_resched while it runs; the rewrite IPIs every CPU, so the idle
+CPUs switch their idle tasks before the first attempt looks at them, and a
+transition that no task blocks completes inside the write that started it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from klpfs.kernel.printk import KERN_NOTICE, KERN_WARNING
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
 
 
 SIGNALS_TIMEOUT = 15
+COND_RESCHED = "cond_resched"
+"""The static call cond_resched() goes through (PREEMPT_DYNAMIC, kernel/sched/core.c)."""
 
 
 def _direction(state: int) -> str:
@@ -168,6 +176,20 @@ def klp_cond_resched_switch(lp: Livepatch, task: Task) -> None:
     _switch_after_stack_check(lp, task)
 
 
+def klp_cond_resched_enable(lp: Livepatch) -> None:
+    """sched_dynamic_klp_enable() (6.4+): cond_resched() calls klp_cond_resched, which
+    runs __klp_sched_try_switch().  A reversal finds it so already; otherwise the
+    rewrite IPIs every CPU (Sched.static_call_update)."""
+    if lp.profile.cond_resched_switch:
+        lp.kernel.sched.static_call_update(COND_RESCHED, "klp_cond_resched")
+
+
+def klp_cond_resched_disable(lp: Livepatch) -> None:
+    """sched_dynamic_klp_disable(): back to the preemption model's __cond_resched."""
+    if lp.profile.cond_resched_switch:
+        lp.kernel.sched.static_call_update(COND_RESCHED, "__cond_resched")
+
+
 def klp_try_complete_transition(lp: Livepatch) -> None:
     """Try every task and idle task once; complete, or retry next second (§8.5)."""
     patch = lp.klp_transition_patch
@@ -184,13 +206,14 @@ def klp_try_complete_transition(lp: Livepatch) -> None:
                 idle.flags.discard(TIF_PATCH_PENDING)
                 idle.patch_state = lp.klp_target_state
         if not complete:
-            # 5.1+: fake signals every SIGNALS_TIMEOUT unsuccessful attempts.
-            if lp.profile.auto_signals:
-                if lp.klp_signals_cnt and not lp.klp_signals_cnt % SIGNALS_TIMEOUT:
-                    klp_send_signals(lp)
-                lp.klp_signals_cnt += 1
+            # 5.1+: fake signals every SIGNALS_TIMEOUT unsuccessful attempts.  The count is
+            # kept on every profile: `klpfs status` shows it as the transition's attempts.
+            if lp.profile.auto_signals and lp.klp_signals_cnt and not lp.klp_signals_cnt % SIGNALS_TIMEOUT:
+                klp_send_signals(lp)
+            lp.klp_signals_cnt += 1
             lp.klp_transition_work.schedule(round_jiffies_relative(lp.kernel.now(), 1.0))
             return
+    klp_cond_resched_disable(lp)
     klp_complete_transition(lp)
     if not lp.profile.register_api:
         if not patch.enabled:
@@ -211,6 +234,7 @@ def klp_start_transition(lp: Livepatch) -> None:
     for task in sched.all_tasks():
         if task.patch_state != lp.klp_target_state:
             sched.set_flag(task, TIF_PATCH_PENDING)
+    klp_cond_resched_enable(lp)
 
 
 def klp_init_transition(lp: Livepatch, patch: KlpPatch, state: int) -> None:
@@ -283,6 +307,6 @@ def klp_transition_work_fn(lp: Livepatch) -> None:
         klp_try_complete_transition(lp)
 
 
-def _funcs(patch: KlpPatch):
+def _funcs(patch: KlpPatch) -> Iterator[KlpFunc]:
     for obj in patch.objs or ():
         yield from obj.funcs or ()

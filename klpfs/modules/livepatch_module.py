@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from klpfs.kernel.kallsyms import FuncDef
 from klpfs.kernel.module import Module
-from klpfs.kernel.printk import KERN_NOTICE
+from klpfs.kernel.printk import KERN_NOTICE, KERN_WARNING
 from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def build_klp_patch(mod: Module, objs: list[ObjectSpec], immediate: bool = False
     klp_objs = []
     for o in objs:
         funcs = [KlpFunc(f.old_name, syms.get(f.new_func), f.old_sympos, f.immediate) for f in o.funcs]
-        callbacks = KlpCallbacks(**{name: _bind(cb, mod) for name, cb in o.callbacks.items()})
+        callbacks = KlpCallbacks(**cast("dict[str, Any]", {name: _bind(cb, mod) for name, cb in o.callbacks.items()}))
         klp_objs.append(KlpObject(o.name, funcs, callbacks))
     return KlpPatch(mod, klp_objs, immediate=immediate, replace=replace, states=list(states or []))
 
@@ -76,9 +76,18 @@ def klp_sample_init(lp: Livepatch, mod: Module, patch: KlpPatch) -> int:
 
 
 def klp_sample_exit(lp: Livepatch, mod: Module) -> None:
-    """The samples' module_exit: unregister (4.x; from 5.1 there is nothing to do)."""
-    if lp.profile.register_api:
-        lp.klp_unregister_patch(mod.data["patch"])
+    """The samples' module_exit: `WARN_ON(klp_unregister_patch(&patch))` (4.x; from 5.1
+    there is nothing to do).  A patch its init never registered (init returned
+    before) is refused with -EINVAL, and the WARN_ON fires."""
+    if not lp.profile.register_api:
+        return
+    patch = mod.data.get("patch")
+    if not isinstance(patch, KlpPatch) or lp.klp_unregister_patch(patch):
+        kernel = lp.kernel
+        task = kernel.current
+        kernel.printk(KERN_WARNING, "------------[ cut here ]------------")
+        kernel.printk(KERN_WARNING, f"WARNING: CPU: {task.cpu} PID: {task.pid} at {mod.name}_exit [{mod.name}]")
+        kernel.printk(KERN_WARNING, "---[ end trace 0000000000000000 ]---")
 
 
 @dataclass

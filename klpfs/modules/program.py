@@ -21,6 +21,7 @@ from klpfs.kernel.memory import addr_of, hashed_pointer
 from klpfs.kernel.printk import KERN_INFO
 from klpfs.kernel.sched import TASK_UNINTERRUPTIBLE
 from klpfs.kernel.seq_file import SeqFile
+from klpfs.kernel.timers import HZ, seconds_to_jiffies, ticks
 from klpfs.livepatch.state import klp_get_prev_state
 
 if TYPE_CHECKING:
@@ -36,15 +37,13 @@ Value = Union[int, float, str]
 CONTEXT_NAMES = ("__func__", "obj", "data", "target", "jiffies", "expires", "prev_version")
 """Names a template may use besides the module's parameters."""
 
-HZ = 250
 INITIAL_JIFFIES = (1 << 32) - 300 * HZ
 """jiffies start five minutes before wrapping, as in the kernel."""
 
 
 def jiffies(seconds: float) -> int:
-    """The tick count at `seconds` since boot; a tick that floating point puts a
-    hair before its instant still counts (no 749-jiffy gaps in a 750-jiffy period)."""
-    return INITIAL_JIFFIES + int(seconds * HZ + 1e-6)
+    """The tick count at `seconds` since boot."""
+    return INITIAL_JIFFIES + ticks(seconds)
 
 
 @dataclass(frozen=True)
@@ -171,6 +170,11 @@ class ModuleCode:
             return float(self.module.params[v.strip("{}")])  # type: ignore[arg-type]
         return float(v)
 
+    def seconds(self, v: Value) -> float:
+        """A time: the file's own were checked when it was parsed, a parameter's when the
+        module was loaded; one written negative through sysfs since then waits no time."""
+        return max(0.0, self.value(v))
+
     def format(self, fmt: str, frame: Frame) -> str:
         names: dict[str, object] = dict(self.module.params)
         obj = addr_of(frame.obj) if frame.obj is not None else 0
@@ -209,7 +213,7 @@ class ModuleCode:
                 self._sleep(step)
             elif isinstance(step, New):
                 frame.obj = kernel.kmalloc()
-                self.structures.expires[frame.obj] = kernel.now() + self.value(step.expires)
+                self.structures.expires[frame.obj] = kernel.now() + self.seconds(step.expires)
                 self.structures.lists.setdefault(step.list, []).append(frame.obj)
             elif isinstance(step, Call):
                 out.append(self.call(step.func, frame))
@@ -231,14 +235,15 @@ class ModuleCode:
 
     def _sleep(self, step: Sleep) -> None:
         """A timed sleep is msleep() (an uninterruptible one lasts its whole time) or
-        schedule_timeout_interruptible(); "forever" is schedule_timeout(MAX_SCHEDULE_TIMEOUT)."""
+        schedule_timeout_interruptible() of whole jiffies; "forever" is
+        schedule_timeout(MAX_SCHEDULE_TIMEOUT)."""
         kernel = self.kernel
         if step.seconds is None:
             wait.schedule_timeout(kernel, step.state, None)
         elif step.state == TASK_UNINTERRUPTIBLE:
-            wait.msleep(kernel, int(self.value(step.seconds) * 1000))
+            wait.msleep(kernel, int(self.seconds(step.seconds) * 1000))
         else:
-            wait.schedule_timeout(kernel, step.state, self.value(step.seconds))
+            wait.schedule_timeout(kernel, step.state, seconds_to_jiffies(self.seconds(step.seconds)) / HZ)
 
     def _for_each(self, step: ForEach, frame: Frame) -> str:
         now = self.kernel.now()

@@ -28,7 +28,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from klpfs.kernel.kallsyms import FuncDef, KSym
 from klpfs.kernel.module import MODULE_NAME_LEN, Module
@@ -43,6 +43,10 @@ KAPI = "klpfs.kapi"
 VERSION_OPS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
                ast.Eq: operator.eq, ast.NotEq: operator.ne}
 BYTES_PER_LINE = 0x10
+MAX_AST_DEPTH = 100
+"""How deeply a module's syntax tree may nest (CPython itself stops blocks at 100
+levels of indentation): the build walks the tree recursively (the #if transform,
+the pr_debug scan, the compiler), and no kernel module transliterates deeper."""
 
 
 class PyModuleError(ValueError):
@@ -158,18 +162,40 @@ class _Transform(ast.NodeTransformer):
         if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in VERSION_OPS):
             return None
         left, right = test.left, test.comparators[0]
-        values = [self._version_value(left), self._version_value(right)]
-        if None in values:
+        a, b = self._version_value(left), self._version_value(right)
+        if a is None or b is None:
             return None
-        return VERSION_OPS[type(test.ops[0])](values[0], values[1])
+        return bool(VERSION_OPS[type(test.ops[0])](a, b))
 
     def _version_value(self, node: ast.expr) -> int | None:
         if isinstance(node, ast.Name) and node.id == "LINUX_VERSION_CODE":
             return self.version_code
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "KERNEL_VERSION"
                 and all(isinstance(a, ast.Constant) and isinstance(a.value, int) for a in node.args)):
-            return kernel_version(*(a.value for a in node.args))  # type: ignore[union-attr]
+            return kernel_version(*(cast(int, cast(ast.Constant, a).value) for a in node.args))
         return None
+
+
+def _parse(text: str, filename: str) -> ast.Module:
+    """The source's syntax tree; PyModuleError when it has none, or one nested too
+    deeply to build (CPython's parser runs out of stack or memory first, or the
+    tree is deeper than MAX_AST_DEPTH)."""
+    try:
+        tree = ast.parse(text, filename)
+    except SyntaxError as e:
+        raise PyModuleError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from None
+    except ValueError as e:
+        raise PyModuleError(f"{filename}: {e}") from None
+    except (RecursionError, MemoryError):
+        raise PyModuleError(f"{filename}: nested too deeply to parse") from None
+    stack: list[tuple[ast.AST, int, int]] = [(tree, 1, 1)]
+    while stack:
+        node, depth, line = stack.pop()
+        line = getattr(node, "lineno", line)  # a context (Load, Store) has the line of its expression
+        if depth > MAX_AST_DEPTH:
+            raise PyModuleError(f"{filename}:{line}: nested more than {MAX_AST_DEPTH} levels deep")
+        stack.extend((child, depth + 1, line) for child in ast.iter_child_nodes(node))
+    return tree
 
 
 def _functions(tree: ast.Module) -> list[tuple[str, int, bool]]:
@@ -212,15 +238,15 @@ def build_pymodule(path: str | Path, text: str, system: System) -> Module:
     name = path.stem.replace("-", "_")
     if not name.isidentifier() or len(name) >= MODULE_NAME_LEN:
         raise PyModuleError(f"{path}: {name!r} is not a valid module name")
-    try:
-        tree = ast.parse(text, filename)
-    except SyntaxError as e:
-        raise PyModuleError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from None
-    except ValueError as e:
-        raise PyModuleError(f"{filename}: {e}") from None
+    tree = _parse(text, filename)
     tree = ast.fix_missing_locations(_Transform(profile_version_code(system.profile)).visit(tree))
     refusal = kapi.check_symbols(_names_used(tree), system.profile, name, _arities(tree))
-    code = compile(tree, filename, "exec")
+    try:
+        code = compile(tree, filename, "exec")
+    except SyntaxError as e:  # what only the compiler checks: `return` outside a function, ...
+        raise PyModuleError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise PyModuleError(f"{filename}: nested too deeply to compile") from None
 
     kernel = system.kernel
     mod = Module(name, livepatch=False)
@@ -290,10 +316,7 @@ class StaticModInfo:
 def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
     """The MODULE_*() and module_param*() calls of the module's top level; PyModuleError if unparsable."""
     path = Path(path)
-    try:
-        tree = ast.parse(text, str(path))
-    except SyntaxError as e:
-        raise PyModuleError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    tree = _parse(text, str(path))
     info = StaticModInfo(path.stem.replace("-", "_"))
     params: dict[str, list[str]] = {}
     for node in tree.body:
@@ -319,7 +342,7 @@ def read_modinfo(path: str | Path, text: str) -> StaticModInfo:
             info.info[str(args[0])] = str(args[1])
         elif call in ("module_param", "module_param_named", "module_param_array") and len(args) >= 3:
             ptype = args[2] if call == "module_param_named" else args[1]
-            kind = f"array of {ptype}" if call == "module_param_array" else ptype
+            kind = f"array of {str(ptype)}" if call == "module_param_array" else ptype
             params[str(args[0])] = ["", str(kind)]
         elif call == "MODULE_PARM_DESC" and len(args) == 2 and args[0] in params:
             params[str(args[0])][0] = str(args[1])

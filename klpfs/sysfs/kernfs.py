@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 PAGE_SIZE = 4096
@@ -116,6 +116,17 @@ class Kernfs:
         self.root = KernfsNode("", stat.S_IFDIR | 0o755, None, ROOT_INO, ctime=now())
         self._nodes: dict[int, KernfsNode] = {ROOT_INO: self.root}
         self.listeners: list[KernfsListener] = []
+        self.settlers: list[Callable[[], Awaitable[None]]] = []
+        """Listeners that pass changes on later (to the kernel's FUSE caches): each
+        returns once what it was told so far has arrived."""
+
+    async def settle(self) -> None:
+        """Until every change so far has reached whoever follows the tree, so that the
+        process that made it (insmod, rmmod over the control socket) sees it in the
+        mount as soon as it is told it is done, as sysfs is up to date when
+        finit_module() or delete_module() returns."""
+        for settle in list(self.settlers):
+            await settle()
 
     # -- lookup ---------------------------------------------------------------
 

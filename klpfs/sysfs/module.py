@@ -6,6 +6,7 @@ freed, with the attributes kernel/module.c gives every module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from klpfs.kernel.module import Module, ModuleLoader, ModuleState, taint_letters
@@ -46,8 +47,8 @@ class ModuleSysfs:
         if visible:
             params = kernfs.create_dir(node, "parameters")
             for name, spec in visible.items():
-                kernfs.create_file(params, name, spec.perm, lambda spec=spec: get_param(spec, mod.params),
-                                   lambda buf, name=name, spec=spec: _store(mod, name, spec, buf, self._printk_err))
+                kernfs.create_file(params, name, spec.perm, functools.partial(get_param, spec, mod.params),
+                                   functools.partial(_store, mod, name, spec, printk_err=self._printk_err))
         self._dirs[mod.name] = node
 
     def teardown(self, mod: Module) -> None:

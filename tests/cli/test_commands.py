@@ -146,7 +146,8 @@ def test_ps_task_and_call(m: Mount) -> None:
     assert not (m.path / "proc" / pid).exists()
     for args, message in [(("task", "exit", pid), f"no such task: {pid}"),
                           (("task", "exit", "1"), "task 1 (systemd) cannot exit"),
-                          (("task", "sleep", "1", "no_such_fn"), "no function 'no_such_fn' in the kernel or its modules"),
+                          (("task", "sleep", "1", "no_such_fn"),
+                           "no function 'no_such_fn' in the kernel or its modules"),
                           (("call", "no_such_fn"), "no function 'no_such_fn' in the kernel or its modules"),
                           (("task", "add", "x" * 16), "a task name (comm) has 1 to 15 characters")]:
         run = klpfs(m, *args)
@@ -171,7 +172,8 @@ def test_finding_the_daemon(mount_klpfs) -> None:
                              env={"KLPFS_MOUNT": str(second.path), "PATH": "/usr/bin:/bin"})
     assert "livepatch_sample" in env_run.stdout
     nowhere = klpfs(None, "lsmod", "-m", "/nonexistent")
-    assert nowhere.stderr == "klpfs lsmod: no klpfs daemon is serving /nonexistent (start one with: klpfs mount /nonexistent)\n"
+    assert nowhere.stderr == ("klpfs lsmod: no klpfs daemon is serving /nonexistent "
+                              "(start one with: klpfs mount /nonexistent)\n")
 
 
 @pytest.mark.parametrize("named", [True, False])

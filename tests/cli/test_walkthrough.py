@@ -47,7 +47,9 @@ def test_readme_walkthrough(kernel: str | None) -> None:
     funcdir = out.index("cmdline_proc_show,1") + (1 if kernel is None else 2)
     if kernel is not None:
         assert out[funcdir - 1] == "patched"
-    assert out[funcdir:funcdir + 4] == ["1", "1", "0", "this has been live patched"]
+    # latest (6.4 on): nothing holds the transition, so it is over when insmod returns (6.12 obs #2)
+    in_progress = "1" if kernel is None else "0"
+    assert out[funcdir:funcdir + 4] == ["1", in_progress, "0", "this has been live patched"]
     assert out.count("this has been live patched") == 1
     assert out.count(original) == 2
     # the held transition: still 1, the holder 0, init 1

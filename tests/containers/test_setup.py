@@ -42,7 +42,7 @@ def test_the_set_up_checkout_needs_nothing() -> None:
     without the test tools, does nothing and reaches for no network."""
     require_offline_runs()
     env = without_pip_sources(dict(os.environ))
-    for args, wanted in [((), "klpfs[test]"), ((), "klpfs[test]"), (("--no-test",), "klpfs")]:
+    for args, wanted in [((), "klpfs[test,dev]"), ((), "klpfs[test,dev]"), (("--no-test",), "klpfs")]:
         run = subprocess.run([*OFFLINE, str(ROOT / "scripts/setup"), *args], capture_output=True, text=True,
                              env=env, timeout=SETUP_TIMEOUT)
         assert (run.returncode, run.stdout, run.stderr) == (0, nothing_to_do(wanted), "")
@@ -117,5 +117,5 @@ def test_a_fresh_checkout_installs_once_then_runs_the_demo_offline(tmp_path: Pat
     with_tests = subprocess.run([*OFFLINE, *setup], capture_output=True, text=True, env=env,
                                 timeout=SETUP_TIMEOUT)
     assert (with_tests.returncode, with_tests.stdout, with_tests.stderr) == (
-        1, "scripts/setup: installing klpfs[test] in .venv: pytest>=7 is not installed\n",
+        1, "scripts/setup: installing klpfs[test,dev] in .venv: pytest>=7 is not installed\n",
         f"{checkout}/.venv/bin/python: No module named pip\n")

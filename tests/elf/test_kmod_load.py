@@ -59,10 +59,12 @@ async def test_livepatch_ko_on_every_profile(version: str, autojump_clock) -> No
         assert f"livepatch: enabling patch '{NAME}'" in lines
         assert f"livepatch: '{NAME}': patching complete" in lines
         assert f"{NAME}: tainting kernel with TAINT_LIVEPATCH" in lines
-        # lsmod and /proc/modules: the kernel's layout size, 4 pages.
-        assert m.control.lsmod()["modules"] == [{"name": NAME, "size": 16384, "refcnt": 1}]
+        # lsmod and /proc/modules: the kernel's layout size, 4 pages; 3 with 6.4's module_memory,
+        # where this small object's few symbols share the data's page.
+        size = 12288 if version == "6.11" else 16384
+        assert m.control.lsmod()["modules"] == [{"name": NAME, "size": size, "refcnt": 1}]
         proc_modules = Kernfs.read(m.kernfs.walk("proc/modules"), 0, 4096)
-        assert isinstance(proc_modules, bytes) and proc_modules.startswith(f"{NAME} 16384 1 ".encode())
+        assert isinstance(proc_modules, bytes) and proc_modules.startswith(f"{NAME} {size} 1 ".encode())
         # The functions are in kallsyms with their real sizes.
         sizes = {s.name: s.size for s in m.kernel.kallsyms.symbols(NAME)}
         assert sizes["patched_show"] == 27 and "init_module" not in sizes
@@ -118,7 +120,8 @@ async def test_module_layout_crc_mismatch(autojump_clock) -> None:
 BAD_FILES = {
     "not ELF": (b"this is not a kernel module\n" * 4, "Invalid ELF header magic: != \x7fELF"),
     "truncated": (None, "Invalid ELF section header overflow"),
-    "32-bit": (b"\x7fELF\x01\x01\x01" + bytes(9) + b"\x01\x00\x03\x00" + bytes(48), "Invalid architecture in ELF header: 3"),
+    "32-bit": (b"\x7fELF\x01\x01\x01" + bytes(9) + b"\x01\x00\x03\x00" + bytes(48),
+               "Invalid architecture in ELF header: 3"),
     "arm64": (None, "Invalid architecture in ELF header: 183"),
 }
 

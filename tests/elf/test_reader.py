@@ -85,7 +85,8 @@ def test_signature_is_split_off() -> None:
     assert strip_signature(signed) == (data, True)
     assert strip_signature(data) == (data, False)
     with pytest.raises(KoError):
-        strip_signature(data + bytes([1, 0, 2, 0, 0, 0, 0, 0]) + struct.pack(">I", 4) + b"~Module signature appended~\n")
+        strip_signature(data + bytes([1, 0, 2, 0, 0, 0, 0, 0]) + struct.pack(">I", 4)
+                        + b"~Module signature appended~\n")
 
 
 # -- layouts ----------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def test_a_blocking_read_waits_for_the_next_kernel_line(m: Mount) -> None:
         thread.join(DEADLINE)
         assert not thread.is_alive()
         (first_new,) = [r for r in records(m) if r["seq"] == seq]
-        assert (first_new["facility"], first_new["text"]) == (0, "livepatch_sample: tainting kernel with TAINT_LIVEPATCH")
+        assert (first_new["facility"], first_new["text"]) == (
+            0, "livepatch_sample: tainting kernel with TAINT_LIVEPATCH")
         assert result == [ext(first_new)]
 
 

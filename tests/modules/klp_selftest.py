@@ -45,7 +45,7 @@ SET_DYNAMIC_DEBUG = "file kernel/livepatch/* +p\nfunc klp_try_switch_task -p\n"
 """functions.sh's set_dynamic_debug: the core's debug lines, without the per-task
 ones ("... is running", "... is sleeping on function ...") of klp_try_switch_task."""
 
-RUNS = [("6.1", "6.1"), ("6.1", "6.14"), ("6.12", "6.14")]
+RUNS = [("6.1", "6.1"), ("6.1", "6.14"), ("6.12", "6.12"), ("6.12", "6.14")]
 """(script tree, kernel profile) pairs a case is replayed on."""
 
 

@@ -36,7 +36,7 @@ GETPID_PROGRAM = "test_klp-call_getpid"
 SYSCALL_ENTRY = ("entry_SYSCALL_64_after_hwframe", "do_syscall_64")
 """A user task's kernel stack below the syscall's own function."""
 
-RUNS = [("6.12", "6.14")]
+RUNS = [("6.12", "6.12"), ("6.12", "6.14")]
 
 
 def runs() -> pytest.MarkDecorator:

@@ -1,4 +1,4 @@
-"""Profile tests: the later kernel profiles (5.1, 6.1, 6.11, 6.14) checked
+"""Profile tests: the later kernel profiles (5.1, 6.1, 6.11, 6.12, 6.14) checked
 against the real kernel's behaviour.
 
 Sources of truth, in order:
@@ -6,6 +6,9 @@ Sources of truth, in order:
 * obs #N   -- /work/shared/spec/linux-6.1-observed.md (a real 6.1 kernel);
               every row is a requirement of the 6.1 profile and, where
               unchanged, of the later ones;
+* 6.12 obs #N -- /work/shared/spec/linux-6.12-observed.md (a real 6.12
+              kernel): what 6.12 does differently, required of 6.12 and of
+              every profile from the release that brought the difference;
 * notes §N -- /tmp/notes/livepatch-5x-6x.md (the real 5.x/6.x sources);
 * spec §N  -- /work/shared/spec/livepatch-behaviour.md (4.15 baseline, §12).
 
@@ -42,10 +45,13 @@ from engine.conftest import ORIGINAL, STATE_TEXT, autojump_clock, new_name, spec
 from engine.conftest import Machine as EngineMachine
 
 LP = "sys/kernel/livepatch"
-LATER = ("5.1", "6.1", "6.11", "6.14")
+LATER = ("5.1", "6.1", "6.11", "6.12", "6.14")
 """The profiles under test."""
-SIX = ("6.1", "6.11", "6.14")
+SIX = ("6.1", "6.11", "6.12", "6.14")
 """Profiles with <object>/patched (6.1+)."""
+IN_WRITE = ("6.11", "6.12", "6.14")
+"""6.12 obs #2-#5: klp_cond_resched (6.4) IPIs the idle CPUs as a transition starts, so one
+that nothing blocks completes inside the write (or klp_enable_patch()) that started it."""
 
 EINVAL, EBUSY, EAGAIN, ENOENT, ENODEV, EACCES = (
     errno.EINVAL, errno.EBUSY, errno.EAGAIN, errno.ENOENT, errno.ENODEV, errno.EACCES)
@@ -61,7 +67,11 @@ def has_patched(version: str) -> bool:
 
 
 def has_replace_attr(version: str) -> bool:
-    return version in ("6.11", "6.14")
+    return version in ("6.11", "6.12", "6.14")
+
+
+def completes_in_write(version: str) -> bool:
+    return version in IN_WRITE
 
 
 def has_stack_order(version: str) -> bool:

@@ -1,4 +1,4 @@
-"""6.4-6.15 (our 6.11 and 6.14): a task with TIF_PATCH_PENDING checks its own
+"""6.4-6.15 (our 6.11, 6.12 and 6.14): a task with TIF_PATCH_PENDING checks its own
 stack at cond_resched() and switches unless it is in the code being
 replaced (notes §4.6, §1 6.4 / 6.16)."""
 
@@ -9,13 +9,16 @@ import trio
 
 from klpfs.kernel.sched import TIF_PATCH_PENDING
 
-from .conftest import settle, spec
+from .conftest import IN_WRITE, settle, spec
+
+COND_RESCHED = IN_WRITE
+"""The profiles with klp_cond_resched (6.4-6.15)."""
 
 P = spec("lp_p", {None: ["cmdline_proc_show"]})
 
 
 def cond_resched_profile(version: str) -> bool:
-    return version in ("6.11", "6.14")
+    return version in COND_RESCHED
 
 
 async def test_busy_kthread_switches_at_cond_resched(m, version, autojump_clock):
@@ -52,7 +55,7 @@ async def test_busy_kthread_inside_patched_function_does_not_switch(md, version,
     assert m.state("lp_p") == (1, 0)
 
 
-@pytest.mark.parametrize("version", ["6.11", "6.14"])
+@pytest.mark.parametrize("version", COND_RESCHED)
 async def test_cond_resched_failed_check_debug_line(md, version, autojump_clock):
     """notes §4.6: "then it prints the 'sleeping on function' debug line from
     klp_try_switch_task each time" -- the cond_resched() check of a busy
@@ -72,14 +75,17 @@ async def test_cond_resched_failed_check_debug_line(md, version, autojump_clock)
 
 async def test_msleep_kthread_only_via_periodic_check(m, version, autojump_clock):
     """notes §4.6: a kthread sleeping in msleep() (D) still only switches
-    through the periodic stack check (here: sleeping elsewhere, at once)."""
+    through the periodic stack check (here: sleeping elsewhere, at once; a
+    holder keeps the transition open)."""
+    holder = m.sleeper("cmdline_proc_show", comm="holder")
     k = m.kthread("kms")
     m.sched.enter(k, m.sym("meminfo_proc_show"), "D")
     assert m.load(P) == 0
     assert k.patch_state == 1                  # the synchronous stack check
+    m.sched.wake(holder)
 
 
-@pytest.mark.parametrize("version", ["6.11", "6.14"])
+@pytest.mark.parametrize("version", COND_RESCHED)
 async def test_busy_user_task_in_kernel_switches_at_cond_resched(m, version, autojump_clock):
     """notes §4.6: the hook is "a task with the pending flag" at cond_resched():
     a user task busy inside a kernel function that is not being patched
@@ -94,7 +100,7 @@ async def test_busy_user_task_in_kernel_switches_at_cond_resched(m, version, aut
     m.sched.rest(u)
 
 
-@pytest.mark.parametrize("version", ["6.11", "6.14"])
+@pytest.mark.parametrize("version", COND_RESCHED)
 async def test_reversal_with_cond_resched(m, version, autojump_clock):
     """notes §4.7: 6.4+ enables the scheduler hook again at a reversal: a busy
     kthread follows the new direction at its next cond_resched(), before
@@ -113,7 +119,7 @@ async def test_reversal_with_cond_resched(m, version, autojump_clock):
     m.sched.wake(holder)
 
 
-@pytest.mark.parametrize("version", ["6.11", "6.14"])
+@pytest.mark.parametrize("version", COND_RESCHED)
 async def test_no_reliable_stacks_no_cond_resched_switch(boot, version, autojump_clock):
     """notes §4.6 / §4.4: the cond_resched() hook calls klp_try_switch_task(current),
     which fails at once on an arch without reliable stacks (5.3+): a busy

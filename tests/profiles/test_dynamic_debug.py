@@ -121,7 +121,8 @@ def call(m: Machine, func: str, *args: object) -> object:
 # -- the control file ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version, expected", [("6.1", CONTROL_6_1), ("6.14", CONTROL_6_14), ("4.15", CONTROL_4_15)])
+@pytest.mark.parametrize("version, expected", [("6.1", CONTROL_6_1), ("6.12", CONTROL_6_14), ("6.14", CONTROL_6_14),
+                                               ("4.15", CONTROL_4_15)])
 async def test_control_lists_the_core_callsites(nursery, autojump_clock, version: str, expected: list[str]) -> None:
     """The header and one line per callsite, every one off (`=_`), formats
     escaped as the kernel's ddebug_proc_show() escapes them (\\n from 6.1,
@@ -130,7 +131,7 @@ async def test_control_lists_the_core_callsites(nursery, autojump_clock, version
     assert control(m) == expected
 
 
-@pytest.mark.parametrize("version", ["4.15", "5.1", "6.1", "6.11", "6.14"])
+@pytest.mark.parametrize("version", ["4.15", "5.1", "6.1", "6.11", "6.12", "6.14"])
 async def test_control_file_modes(nursery, autojump_clock, version: str) -> None:
     """debugfs's root is 0700, its directories 0755, the control file 0644 and size 0;
     from 6.1 /proc/dynamic_debug/control (0555 directory) is the same file."""
@@ -141,7 +142,7 @@ async def test_control_file_modes(nursery, autojump_clock, version: str) -> None
              if (node := m.node(path)) is not None}
     expected = {"sys/kernel/debug": ("drwx------", 0), "sys/kernel/debug/dynamic_debug": ("drwxr-xr-x", 0),
                 CONTROL: ("-rw-r--r--", 0)}
-    if version in ("6.1", "6.11", "6.14"):
+    if version in ("6.1", "6.11", "6.12", "6.14"):
         expected.update({"proc/dynamic_debug": ("dr-xr-xr-x", 0), "proc/dynamic_debug/control": ("-rw-r--r--", 0)})
         assert accepted(m, "func klp_init_transition +p", "proc/dynamic_debug/control")
         assert flags(m)[521 if version == "6.1" else 591] == "p"

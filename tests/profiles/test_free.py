@@ -58,7 +58,7 @@ async def test_free_order_after_disable(m, autojump_clock):
     assert removed, "nothing removed"
     first_rm = rec.index("rm", removed[0])
     assert done < first_rm, "ENGINE BUG (notes §5.1): dirs go after 'unpatching complete'"
-    funcs_objs = [r for r in removed if r.count("/") >= 1 and not r.split("/")[-1] in (
+    funcs_objs = [r for r in removed if r.count("/") >= 1 and r.split("/")[-1] not in (
         "enabled", "transition", "force", "replace", "stack_order")]
     # func dirs before their object, objects in list order
     order = [r for r in funcs_objs if r != "lp_a"]
@@ -113,7 +113,7 @@ async def test_stale_handles_enodev(m, version, autojump_clock):
 async def test_rmmod_force_of_enabled_patch(m, version, autojump_clock):
     """obs #21: delete_module(O_NONBLOCK|O_TRUNC) of an enabled patch returns 0,
     taints R, removes /sys/module/<m> but leaves /sys/kernel/livepatch/<m>/ -- on a
-    kernel with CONFIG_MODULE_FORCE_UNLOAD (Debian's 6.1 and 6.11 here).  Fedora's
+    kernel with CONFIG_MODULE_FORCE_UNLOAD (Debian's 6.1, 6.11 and 6.12 here).  Fedora's
     5.1 and Ubuntu's 6.14 have none: O_TRUNC forces nothing, EAGAIN as without it."""
     assert m.load(A) == 0
     await settle()
@@ -136,14 +136,14 @@ async def test_rmmod_force_of_enabled_patch(m, version, autojump_clock):
         m.write("lp_a/enabled", b"0")
     m.take()
     fault.value.die(340, "cat", 1)
-    style_6_12 = version == "6.11"
+    style_6_12 = version in ("6.11", "6.12")   # 6.12 obs #11: "Oops: ", the UID, the taints spelled out
     assert m.take() == [
         f"BUG: unable to handle page fault for address: {fault.value.address:016x}",
         "#PF: supervisor read access in kernel mode",
         "#PF: error_code(0x0000) - not-present page",
         ("Oops: Oops: " if style_6_12 else "Oops: ") + "0000 [#1] PREEMPT SMP NOPTI",
         f"CPU: 1 {'UID: 0 ' if style_6_12 else ''}PID: 340 Comm: cat Tainted: G  R           K    "
-        f"{m.system.profile.release} #1 ",
+        f"{m.system.profile.release} #1 " + (" Debian 6.12.118-1~deb12u1" if version == "6.12" else ""),
         *(["Tainted: [R]=FORCED_RMMOD, [K]=LIVEPATCH"] if style_6_12 else []),
         "RIP: 0010:sysfs_kf_seq_show+0x1d/0x100",
         "Call Trace:",

@@ -3,6 +3,8 @@ duplicates as 't', then each module's functions with its name, newest module fir
 
 from __future__ import annotations
 
+import pytest
+
 from klpfs.sysfs.kernfs import Kernfs
 
 from .conftest import Machine, autojump_clock, make_machine  # noqa: F401
@@ -36,3 +38,21 @@ async def test_kallsyms(nursery, autojump_clock) -> None:
     ]
     addrs = [int(line.split()[0], 16) for line in after[len(before):]]
     assert addrs[:3] == sorted(addrs[:3]) and addrs[3] < addrs[0]
+
+
+@pytest.mark.parametrize("version", ["6.1", "6.11", "6.12", "6.14"])
+async def test_padding_symbols(nursery, version, autojump_clock) -> None:
+    """6.12 obs #7: with CONFIG_CALL_PADDING (6.2 on) every function, vmlinux's and a
+    module's, has its padding first: `__pfx_<name>` 16 bytes before it, of its type."""
+    m = make_machine(nursery, version)
+    assert (await m.insmod("klp-busy"))["ok"]
+    lines = kallsyms(m)
+    cmdline, busy = m.sym("cmdline_proc_show"), m.sym("busy_fn", "klp_busy")
+    at = lines.index(f"{cmdline.addr:016x} T cmdline_proc_show")
+    module_at = lines.index(f"{busy.addr:016x} t busy_fn\t[klp_busy]")
+    if version == "6.1":
+        assert not any("__pfx_" in line for line in lines)
+        return
+    assert lines[at - 1] == f"{cmdline.addr - 16:016x} T __pfx_cmdline_proc_show"
+    assert lines[module_at - 1] == f"{busy.addr - 16:016x} t __pfx_busy_fn\t[klp_busy]"
+    assert len(lines) == 2 * len([line for line in lines if "__pfx_" not in line])

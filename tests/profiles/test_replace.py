@@ -59,7 +59,8 @@ async def test_replace_lifecycle(m, version, autojump_clock):
     assert m.call("tmod_fn", holder, module="tmod") == "lp_b:tmod_fn"
     m.sched.wake(holder)
     await settle()
-    assert m.take() == ["livepatch: 'lp_r': patching complete"], "ENGINE BUG (notes §6.3): no lines for replaced patches"
+    assert m.take() == ["livepatch: 'lp_r': patching complete"], (
+        "ENGINE BUG (notes §6.3): no lines for replaced patches")
     assert m.ls() == ["lp_r"]
     assert not m.exists("lp_r/vmlinux/version_proc_show,1") and not m.exists("lp_r/tmod")
     assert m.state("lp_r") == (1, 0)
@@ -263,8 +264,10 @@ async def test_replace_over_replace(m, autojump_clock):
     r = await stacked(m)
     assert m.load(r) == 0
     await settle()
+    holder = m.sleeper("meminfo_proc_show", comm="holder")   # keeps lp_r2's transition open
     assert m.load(spec("lp_r2", {None: ["meminfo_proc_show"]}, replace=True)) == 0
     assert m.exists("lp_r2/vmlinux/cmdline_proc_show,1")
+    m.sched.wake(holder)
     await settle()
     assert m.ls() == ["lp_r2"]
     assert not m.exists("lp_r2/vmlinux/cmdline_proc_show,1")

@@ -19,7 +19,7 @@ def order(m, name) -> int:
     return int(v)
 
 
-@pytest.mark.parametrize("version", ["6.11", "6.14"])
+@pytest.mark.parametrize("version", ["6.11", "6.12", "6.14"])
 async def test_replace_values(m, autojump_clock):
     """notes §3.2: replace shows the flag as 0/1, constant for the patch's life
     (during its transition, after it, during a reversal)."""

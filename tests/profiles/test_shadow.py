@@ -24,7 +24,10 @@ run = [{ new = "bad", expires = 100 }, { shadow_alloc = 2, ctor_ret = -12 }, { l
 [[function]]
 name = "get_or_alloc_existing"
 run = [
-  { for_each = "objs", do = [{ shadow_get_or_alloc = 1, ctor_ret = -12 }, { if_shadow = 1, then = [{ log = "has {obj}" }] }] },
+  { for_each = "objs", do = [
+    { shadow_get_or_alloc = 1, ctor_ret = -12 },
+    { if_shadow = 1, then = [{ log = "has {obj}" }] },
+  ] },
 ]
 
 [[function]]

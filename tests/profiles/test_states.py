@@ -34,7 +34,8 @@ def state_patch(name: str, func: str, states: list[tuple[int, int]], *, replace:
     if prev_id is not None:
         for cb in ("pre_patch", "post_patch", "pre_unpatch", "post_unpatch"):
             lines += [f"[patch.object.callbacks.{cb}]",
-                      f'run = [{{ if_prev_state = {prev_id}, then = [{{ log = "{{__func__}}: prev {{prev_version}}" }}], '
+                      f'run = [{{ if_prev_state = {prev_id}, '
+                      'then = [{ log = "{__func__}: prev {prev_version}" }], '
                       f'else = [{{ log = "{{__func__}}: no prev" }}] }}]', ""]
     return "\n".join(lines)
 

@@ -196,5 +196,6 @@ async def test_nop_dir_keeps_old_sympos(m, autojump_clock):
     sympos included."""
     assert m.load(spec("lp_a", {None: [("type_show", 2), "cmdline_proc_show"]})) == 0
     await settle()
+    m.sleeper("cmdline_proc_show", comm="holder")   # the nops exist while the transition runs
     assert m.load(spec("lp_r", {None: ["cmdline_proc_show"]}, replace=True)) == 0
     assert sorted(c for c in m.ls("lp_r/vmlinux") if c != "patched") == ["cmdline_proc_show,1", "type_show,2"]

@@ -45,6 +45,16 @@ def test_fixture_marker_and_held_transition(klpfs_emulator: Emulator) -> None:
     assert "livepatch: 'livepatch_sample': unpatching complete" in klpfs_emulator.dmesg()
 
 
+@pytest.mark.klpfs(kernel="6.12")
+def test_fixture_on_6_12_insmod_returns_with_the_transition_over(klpfs_emulator: Emulator) -> None:
+    """6.12 obs #2: with nothing holding it, the transition is over when insmod returns."""
+    assert klpfs_emulator.kernel == "6.12"
+    klpfs_emulator.insmod("livepatch-sample")
+    assert klpfs_emulator.read(f"{P}/transition") == "0\n"
+    assert klpfs_emulator.read(f"{P}/replace") == "0\n"
+    assert klpfs_emulator.dmesg()[-1] == "livepatch: 'livepatch_sample': patching complete"
+
+
 def test_fstab_mount_helper() -> None:
     require_fuse()
     helper = str(Path(KLPFS[0]).with_name("mount.fuse.klpfs"))

@@ -97,7 +97,8 @@ def test_exit_status_and_missing_command() -> None:
     missing = klpfs_run("--", "no-such-command-here")
     assert (missing.returncode, missing.stderr) == (127, "klpfs run: no-such-command-here: command not found\n")
     nothing = klpfs_run()
-    assert (nothing.returncode, nothing.stderr) == (2, "klpfs run: no COMMAND given (klpfs run [options] -- COMMAND ...)\n")
+    assert (nothing.returncode, nothing.stderr) == (
+        2, "klpfs run: no COMMAND given (klpfs run [options] -- COMMAND ...)\n")
 
 
 def test_modules_directory(tmp_path: Path) -> None:

@@ -92,7 +92,8 @@ async def test_1_target_loaded_first(story: Story, autojump_clock: trio.testing.
     assert story.log() == [MOD_INIT]
     assert (await story.insmod("livepatch-callbacks-demo"))["ok"]
     await trio.sleep(2)
-    assert story.log() == [ENABLING, *transition("patching", cb("pre_patch"), cb("pre_patch", "livepatch_callbacks_mod")),
+    assert story.log() == [ENABLING,
+                           *transition("patching", cb("pre_patch"), cb("pre_patch", "livepatch_callbacks_mod")),
                            *completion("patching", cb("post_patch"), cb("post_patch", "livepatch_callbacks_mod"))]
     assert story.write(ENABLED, "0\n") == 2
     await trio.sleep(2)
