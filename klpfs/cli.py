@@ -8,6 +8,7 @@ pyfuse3, the engine) is imported by the commands that use it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from klpfs.control import commands as control
 from klpfs.control.run import SHIMS
 from klpfs.elf import command as ko_command
+from klpfs.host import HOST
 from klpfs.profiles import DEFAULT, PROFILES, get_profile
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
     from klpfs.fs.operations import KernfsOperations
     from klpfs.fs.realtasks import RealTasks
+    from klpfs.kernel.kallsyms_file import SymbolFile
     from klpfs.system import System
 
 
@@ -45,6 +48,8 @@ examples:
   klpfs mount /mnt/klp                     mount in the background (exit 0 once mounted)
   klpfs mount -f /mnt/klp                  serve in the foreground; Ctrl-C unmounts
   klpfs mount --kernel 4.16 /mnt/klp       emulate Linux 4.16 (signal and force attributes)
+  klpfs mount --kernel 6.1 --kallsyms System.map --release 6.1.0-28-amd64 /mnt/klp
+                                           one particular build: its symbols and release
   klpfs mount -o log=/tmp/klpfs.log /mnt/klp
                                            keep the background daemon's log
   klpfs mount -d /mnt/klp                  foreground, logging at debug level
@@ -77,7 +82,10 @@ signals to the daemon:
 
 
 def kernel_version(value: str) -> str:
-    """argparse type of --kernel: the version of a profile the engine has ("latest" resolved)."""
+    """argparse type of --kernel: the version of a profile the engine has ("latest" resolved,
+    "host" kept: the running kernel, resolved where the machine is built)."""
+    if value == HOST:
+        return value
     try:
         return get_profile(value).version
     except ValueError as exc:
@@ -88,10 +96,12 @@ class Daemon:
     """What ``klpfs mount`` serves: the emulated system and its control socket."""
 
     def __init__(self, kernel: str, mountpoint: str, speed: float = 1.0, procunion: str | None = None,
-                 host_kernel: str | None = None) -> None:
+                 host_kernel: str | None = None, release: str | None = None,
+                 symbols: SymbolFile | None = None, module_layout_crc: int | None = None) -> None:
         # Imported here, in the daemon after the fork: the engine is not needed before.
         from klpfs.system import System
-        self.system: System = System(kernel_version=kernel, speed=speed)
+        self.system: System = System(kernel_version=kernel, speed=speed, release=release, symbols=symbols,
+                                     module_layout_crc=module_layout_crc)
         self.kernfs = self.system.kernfs
         if host_kernel is not None:
             from klpfs.control.run import add_host_placeholders
@@ -121,15 +131,56 @@ class Daemon:
             await self.system.run()
 
 
+def build_options(args: argparse.Namespace) -> list[str]:
+    """-o options with --kallsyms and --release among them: the daemon, klpfs run and the
+    pytest fixture all pass a build on as mount options."""
+    return [*args.options, *([f"kallsyms={args.kallsyms}"] if args.kallsyms else []),
+            *([f"release={args.release}"] if args.release else []),
+            *([f"symvers={args.symvers}"] if args.symvers else [])]
+
+
+def load_layout_crc(kernel: str, symvers: str | None) -> int | None:
+    """The build's module_layout CRC: from --symvers, or with --kernel host from the
+    running kernel's headers when they are installed; None: no CRC is checked."""
+    from klpfs.kernel.symvers import module_layout_crc
+    if symvers is None and kernel == HOST:
+        host = Path("/lib/modules") / os.uname().release / "build/Module.symvers"
+        symvers = str(host) if host.is_file() else None
+    return None if symvers is None else module_layout_crc(symvers)
+
+
+HOST_KALLSYMS = "/proc/kallsyms"
+
+
+def load_symbols(kernel: str, kallsyms: str | None) -> SymbolFile | None:
+    """The symbol file to emulate, read before anything is mounted (KallsymsFileError if it
+    cannot be one); with --kernel host and none given, the running kernel's when it shows
+    its addresses, else the built-in image, said once."""
+    from klpfs.kernel.kallsyms_file import host_kallsyms_usable, read_kallsyms
+    if kallsyms is not None:
+        return read_kallsyms(kallsyms)
+    if kernel != HOST:
+        return None
+    if host_kallsyms_usable(HOST_KALLSYMS):
+        return read_kallsyms(HOST_KALLSYMS)
+    print(f"klpfs: {HOST_KALLSYMS} shows no addresses (not root, or kptr_restrict): "
+          "the built-in image's symbols stand in for the host's", file=sys.stderr)
+    return None
+
+
 def _cmd_mount(args: argparse.Namespace) -> int:
     from klpfs.fs.mount import MountError, MountOptions, mount
+    from klpfs.kernel.kallsyms_file import KallsymsFileError
+    from klpfs.kernel.symvers import SymversError
     try:
-        options = MountOptions.parse([*args.options, *(["debug"] if args.debug else [])])
-    except MountError as exc:
+        options = MountOptions.parse([*build_options(args), *(["debug"] if args.debug else [])])
+        symbols = load_symbols(args.kernel, options.kallsyms)
+        crc = load_layout_crc(args.kernel, options.symvers)
+    except (MountError, KallsymsFileError, SymversError) as exc:
         print(f"klpfs: {exc}", file=sys.stderr)
         return 1
     return mount(lambda mountpoint: Daemon(args.kernel, mountpoint, options.speed, options.procunion,
-                                           options.host_kernel),
+                                           options.host_kernel, options.release, symbols, crc),
                  args.mountpoint, options, foreground=args.foreground or args.debug)
 
 
@@ -137,6 +188,7 @@ RUN_EXAMPLES = """\
 examples:
   sudo klpfs run -- sh -c 'insmod livepatch-sample.ko; cat /sys/kernel/livepatch/*/enabled'
   sudo klpfs run --kernel 6.1 --modules ./ko -- ./my-livepatch-tool --check
+  sudo klpfs run --kernel host --modules ./ko -- insmod ./livepatch-for-this-machine.ko
   sudo klpfs run -o speed=10 -- pytest tests/     # a faster emulated clock
 """
 
@@ -157,9 +209,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("klpfs run: no COMMAND given (klpfs run [options] -- COMMAND ...)", file=sys.stderr)
         return 2
+    options = build_options(args)
     try:
-        MountOptions.parse(args.options)  # bad options fail before anything is set up
-        return run.run(command, args.kernel, args.modules, args.options, args.keep_mounted)
+        MountOptions.parse(options)  # bad options fail before anything is set up
+        return run.run(command, args.kernel, args.modules, options, args.keep_mounted)
     except (MountError, run.RunError, OSError) as exc:
         print(f"klpfs run: {exc}", file=sys.stderr)
         return 1
@@ -192,6 +245,18 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_build_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--kallsyms", metavar="FILE",
+                     help="the build's symbols: a /proc/kallsyms dump (read as root) or a System.map; "
+                          "functions, sizes and sympos follow it")
+    cmd.add_argument("--symvers", metavar="FILE",
+                     help="the build's Module.symvers (its headers'): the module_layout CRC modules must "
+                          "carry (default: none checked; --kernel host: the host's headers' when installed)")
+    cmd.add_argument("--release", metavar="RELEASE",
+                     help="the build's release string (uname -r, /proc/version, the vermagic modules "
+                          "must carry) instead of the profile's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klpfs",
@@ -213,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                      help="mount options (see below)")
     cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
-                     help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
+                     help=f"kernel profile: {', '.join(PROFILES)}, latest, or host: the running kernel's "
+                          f"release, vermagic and /proc/kallsyms (default {DEFAULT})")
+    add_build_arguments(cmd)
     cmd.add_argument("mountpoint", metavar="MNT", help="an existing empty directory")
     cmd.set_defaults(func=_cmd_mount)
 
@@ -235,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "COMMAND's status.",
         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("--kernel", type=kernel_version, default=DEFAULT, metavar="VERSION",
-                     help=f"kernel profile: {', '.join(PROFILES)} or latest (default {DEFAULT})")
+                     help=f"kernel profile: {', '.join(PROFILES)}, latest, or host: the running kernel's "
+                          f"release, vermagic and /proc/kallsyms (default {DEFAULT})")
+    add_build_arguments(cmd)
     cmd.add_argument("--modules", action="append", default=[], metavar="DIR",
                      help="directory of module files that modprobe/insmod NAME(.ko) find (repeatable; "
                           "the shipped samples are always found)")

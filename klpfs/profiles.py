@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import enum
+import re
 from dataclasses import dataclass, replace
 
+from klpfs.host import HOST, host_release, host_vermagic_flags
 from klpfs.kernel.ftrace import SHOW_RI, SHOW_RID, SHOW_RIDOM
 from klpfs.kernel.oops import OOPS_4_16, OOPS_6_1, OOPS_6_12
 
@@ -86,13 +88,15 @@ class Rule(enum.Enum):
 
 
 # Values of Profile.no_reliable_stack: what registration/enable does on an
-# arch without reliable stack traces (§3.1, §12.2, §12.4).
+# arch without reliable stack traces (klp_register_patch(), from 5.1 klp_enable_patch(),
+# in kernel/livepatch/core.c).
 ENOSYS_UNLESS_IMMEDIATE = "enosys-unless-immediate"
 ENOSYS = "enosys"
 EOPNOTSUPP = "eopnotsupp"
 WARN = "warn"
 
-# Values of Profile.force_marks: whom `force` pins for good (§8.11, §12.4).
+# Values of Profile.force_marks: whom `force` pins for good (klp_force_transition()
+# in kernel/livepatch/transition.c).
 FORCE_NONE = "none"
 FORCE_GLOBAL = "global"
 """klp_forced: one flag, every patch module pinned (4.16 to 5.0)."""
@@ -111,13 +115,14 @@ class Profile:
     6.14: Ubuntu 25.04), so tools parsing it meet the real shapes."""
     # -- patch structures and API --------------------------------------------
     immediate: bool
-    """klp_patch.immediate and klp_func.immediate exist (4.15 only, §4.1)."""
+    """klp_patch.immediate and klp_func.immediate exist (4.15 only)."""
     register_api: bool
     """klp_register_patch/klp_unregister_patch exist; patches stay registered when
     disabled.  Without it (5.1 on) klp_enable_patch does everything and a
     disabled patch is freed: its directory goes and its module is released."""
     stacking_rule: bool
-    """Enable/disable only in registration order (§2.4; < 5.1)."""
+    """Enable/disable only in registration order (__klp_enable_patch() and __klp_disable_patch() in
+    kernel/livepatch/core.c; < 5.1)."""
     atomic_replace: bool
     """klp_patch.replace with nop functions (5.1 on)."""
     system_states: bool
@@ -132,9 +137,9 @@ class Profile:
     """klp_enable_patch checks for missing objs/funcs before anything else (5.17 on)."""
     # -- transition --------------------------------------------------------------
     sysfs_signal: bool
-    """<patch>/signal, 0200 (4.16 to 5.0, §2.6)."""
+    """<patch>/signal, 0200 (signal_store() in kernel/livepatch/core.c, 4.16 to 5.0)."""
     sysfs_force: bool
-    """<patch>/force, 0200 (4.16 on, §2.6)."""
+    """<patch>/force, 0200 (force_store() in kernel/livepatch/core.c, 4.16 on)."""
     force_marks: str
     """See FORCE_*."""
     auto_signals: bool
@@ -227,6 +232,23 @@ class Profile:
     def derive(self, version: str, release: str, **changes: Any) -> Profile:
         return replace(self, version=version, release=release, **changes)
 
+    @property
+    def modversions(self) -> bool:
+        """CONFIG_MODVERSIONS, as the vermagic says: symbol CRCs are checked, and same_magic()
+        leaves the release out when the module has them."""
+        return "modversions" in self.vermagic_flags.split()
+
+    def built_as(self, release: str | None = None, vermagic_flags: str | None = None,
+                 module_layout_crc: int | None = None) -> Profile:
+        """The same rules for another build of the kernel (--release): its release string,
+        which uname, /proc/version and the vermagic follow, and its module_layout CRC
+        (--symvers).  A CRC is one build's: another build without one has none to check."""
+        if release is None and vermagic_flags is None and module_layout_crc is None:
+            return self
+        return replace(self, release=release or self.release,
+                       vermagic_flags=self.vermagic_flags if vermagic_flags is None else vermagic_flags,
+                       module_layout_crc=module_layout_crc)
+
 
 LINUX_4_15 = Profile(
     version="4.15", release="4.15.0-213-generic",
@@ -286,12 +308,28 @@ DEFAULT = LINUX_4_15.version
 LATEST = LINUX_6_14.version
 
 
+def profile_for_release(release: str) -> Profile:
+    """The newest profile not newer than a release string ("6.18.44-fc" -> 6.14's rules);
+    the oldest for anything older than all.  ValueError if it does not start X.Y."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if match is None:
+        raise ValueError(f"release {release!r} does not start with a version (X.Y)")
+    key = (int(match.group(1)), int(match.group(2)))
+    fitting = [p for p in PROFILES.values() if release_key(p.version) <= key]
+    return max(fitting, key=lambda p: release_key(p.version)) if fitting else PROFILES[DEFAULT]
+
+
 def get_profile(version: str) -> Profile:
-    """The profile for `version` ("latest" names the newest); ValueError lists the choices."""
+    """The profile for `version` ("latest" names the newest, "host" the running kernel's
+    build: its release, the rules of the newest profile not newer, its vermagic);
+    ValueError lists the choices."""
+    if version == HOST:
+        release = host_release()
+        return profile_for_release(release).built_as(release, host_vermagic_flags(release))
     if version == "latest":
         version = LATEST
     try:
         return PROFILES[version]
     except KeyError:
-        choices = ", ".join([*PROFILES, "latest"])
+        choices = ", ".join([*PROFILES, "latest", HOST])
         raise ValueError(f"unknown kernel version {version!r} (choose from {choices})") from None

@@ -113,7 +113,10 @@ class Emulator:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "klpfs(kernel='4.15', speed=1): options of the klpfs_emulator fixture")
+    config.addinivalue_line("markers", "klpfs(kernel='4.15', speed=1, kallsyms=None, release=None, symvers=None): "
+                                       "options of the klpfs_emulator fixture (kallsyms: a /proc/kallsyms dump or "
+                                       "System.map the emulated vmlinux takes its symbols from; release: its uname "
+                                       "-r; symvers: its Module.symvers, the module_layout CRC)")
 
 
 @pytest.fixture
@@ -127,7 +130,9 @@ def klpfs_emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     path = Path(tempfile.mkdtemp(prefix="klpfs-pytest-"))
     try:
         with tempfile.TemporaryFile() as log:
-            child = MountedChild(path, kernel, [f"speed={options.get('speed', 1)}"], log)
+            build = [f"{name}={options[name]}" for name in ("kallsyms", "release", "symvers")
+                     if options.get(name)]
+            child = MountedChild(path, kernel, [f"speed={options.get('speed', 1)}", *build], log)
             try:
                 yield Emulator(path, kernel)
             finally:

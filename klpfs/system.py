@@ -11,6 +11,7 @@ from klpfs.fs.kmsg import KMSG_SIZE, Kmsg
 from klpfs.fs.procfs import ProcFs
 from klpfs.kernel.dyndbg_query import GENERATIONS
 from klpfs.kernel.kallsyms import FUNCTION_PADDING_BYTES
+from klpfs.kernel.kallsyms_file import SymbolFile
 from klpfs.kernel.kernel import Kernel
 from klpfs.livepatch.core import Livepatch
 from klpfs.modules.program import Structures
@@ -25,10 +26,17 @@ from klpfs.sysfs.tracefs import tracefs_mounts
 class System:
     """Construct inside trio (the kernel's clock is trio's); ValueError for an unknown version."""
 
-    def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True, speed: float = 1.0) -> None:
-        self.profile = profile = get_profile(kernel_version)
+    def __init__(self, kernel_version: str = "4.15", reliable_stacks: bool = True, speed: float = 1.0,
+                 release: str | None = None, symbols: SymbolFile | None = None,
+                 module_layout_crc: int | None = None) -> None:
+        """`release` names another build of the profile's kernel (--release); `symbols`
+        is that build's symbol table (--kallsyms), vmlinux's instead of the image's;
+        `module_layout_crc` its CRC of module_layout (--symvers)."""
+        self.profile = profile = get_profile(kernel_version).built_as(release, module_layout_crc=module_layout_crc)
         padding = FUNCTION_PADDING_BYTES if profile.has(Rule.CALL_PADDING) else 0
-        self.kernel = Kernel(profile.release, boot_image(profile), module_sig_messages=profile.module_sig_messages,
+        image = boot_image(profile)
+        image.symbols = symbols
+        self.kernel = Kernel(profile.release, image, module_sig_messages=profile.module_sig_messages,
                              speed=speed, padding=padding)
         self.kernel.sched.fork_frames = fork_frames(profile)
         self.kernel.modules.module_memory = profile.has(Rule.MODULE_MEMORY)

@@ -201,6 +201,7 @@ def _expose_release(state: RunState, release: str) -> None:
 def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Sequence[str],
         keep_mounted: bool) -> int:
     """Set up, run COMMAND, tear down; COMMAND's exit status."""
+    from klpfs.fs.mount import MountOptions
     _require_privilege()
     for directory in modules:
         if not Path(directory).is_dir():
@@ -224,7 +225,8 @@ def run(command: Sequence[str], kernel: str, modules: Sequence[str], options: Se
     except MountFailed as e:
         raise RunError(str(e)) from None
     try:
-        _expose(state, get_profile(kernel).release)
+        # /lib/modules/<release> of the build emulated: the profile's, or release= (--release).
+        _expose(state, get_profile(kernel).built_as(MountOptions.parse(options).release).release)
         env["PATH"] = f"{state.workdir / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         status = subprocess.run([sys.executable, "-m", "klpfs.control.pidns", str(state.ns_proc),
                                  str(state.mountpoint / "proc"), "--", *command], env=env).returncode

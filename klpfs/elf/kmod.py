@@ -269,8 +269,10 @@ def check_load(ko: KoFile, profile: Profile, refuse: _Refusal) -> None:
     if elf.section(".gnu.linkonce.this_module") is None:
         raise refuse(errno.ENOEXEC, f"{ko.path}: no .gnu.linkonce.this_module (struct module) section",
                      (KERN_WARNING, f"{info_name}: No module found in object"))
-    has_crcs = elf.section("__versions") is not None
-    if profile.module_layout_crc is not None and ko.embedded is None:
+    # same_magic() and check_version() exist only with CONFIG_MODVERSIONS: without it the
+    # whole vermagic is compared and no CRC is looked at.
+    has_crcs = profile.modversions and elf.section("__versions") is not None
+    if profile.modversions and profile.module_layout_crc is not None and ko.embedded is None:
         crc = _modversion_crc(ko, "module_layout")
         if not has_crcs:
             # check_version() without __versions: try_to_force_load() refuses (no MODULE_FORCE_LOAD).

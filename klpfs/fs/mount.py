@@ -102,8 +102,9 @@ def default_fuse_options() -> set[str]:
 
 @dataclass
 class MountOptions:
-    """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR``, ``hostkernel=DIR`` and
-    ``debug`` are klpfs's own; the rest go to libfuse."""
+    """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR``, ``hostkernel=DIR``,
+    ``kallsyms=FILE``, ``release=R``, ``symvers=FILE`` and ``debug`` are klpfs's own; the
+    rest go to libfuse."""
 
     fuse: set[str] = field(default_factory=default_fuse_options)
     log: str | None = None
@@ -115,6 +116,12 @@ class MountOptions:
     host_kernel: str | None = None
     """A /sys/kernel whose entries get empty stand-ins in sys/kernel, for klpfs run to bind
     them onto (see klpfs.control.run.add_host_placeholders)."""
+    kallsyms: str | None = None
+    """The build's symbol table: a /proc/kallsyms dump or a System.map (--kallsyms)."""
+    release: str | None = None
+    """The build's release string, for the profile's own (--release)."""
+    symvers: str | None = None
+    """The build's Module.symvers, whose module_layout CRC modules must carry (--symvers)."""
 
     @property
     def log_level(self) -> int:
@@ -142,6 +149,18 @@ class MountOptions:
                     if not arg:
                         raise MountError("hostkernel= needs a directory")
                     options.host_kernel = os.path.abspath(arg)
+                elif name == "kallsyms":
+                    if not arg:
+                        raise MountError("kallsyms= needs a file name")
+                    options.kallsyms = os.path.abspath(arg)
+                elif name == "symvers":
+                    if not arg:
+                        raise MountError("symvers= needs a file name")
+                    options.symvers = os.path.abspath(arg)
+                elif name == "release":
+                    if not arg or arg != arg.strip() or any(c.isspace() for c in arg):
+                        raise MountError(f"release= needs a release string without spaces, not {arg!r}")
+                    options.release = arg
                 elif name == "speed":
                     try:
                         options.speed = float(arg)

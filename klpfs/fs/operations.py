@@ -155,11 +155,13 @@ class KernfsOperations(pyfuse3.Operations):
         self._statfs.f_bsize = self._statfs.f_frsize = PAGE_SIZE
         self._statfs.f_namemax = 255
         kernfs.listeners.append(self)
+        kernfs.subdir_listeners.append(self.lazy_dirs_changed)
         kernfs.settlers.append(self.settle)
 
     def close(self) -> None:
         """Stop following the tree."""
         self.kernfs.listeners.remove(self)
+        self.kernfs.subdir_listeners.remove(self.lazy_dirs_changed)
         self.kernfs.settlers.remove(self.settle)
 
     async def settle(self) -> None:
@@ -181,7 +183,7 @@ class KernfsOperations(pyfuse3.Operations):
 
     def node_added(self, node: KernfsNode) -> None:
         try:
-            if node.is_dir and node.parent is not None:
+            if node.is_dir and node.parent is not None and not node.made_lazily:
                 self._subdirs_changed(node.parent, 1)
         except Exception:
             log.exception("following the addition of %r", node)
@@ -196,6 +198,13 @@ class KernfsOperations(pyfuse3.Operations):
             self.invalidator.node_removed(node)
         except Exception:
             log.exception("following the removal of %r", node)
+
+    def lazy_dirs_changed(self, parent: KernfsNode, delta: int) -> None:
+        """A task came or went whose /proc directory was never made: /proc's link count follows."""
+        try:
+            self._subdirs_changed(parent, delta)
+        except Exception:
+            log.exception("following a lazy subdirectory of %r", parent)
 
     def _subdirs_changed(self, parent: KernfsNode, delta: int) -> None:
         attrs = self._attrs.get(parent.ino)
@@ -218,7 +227,7 @@ class KernfsOperations(pyfuse3.Operations):
             attrs.attr_timeout = 0  # the kernel asks every time: its getattr tells of seeks
         attrs.st_size = node.size
         if node.children is not None:
-            attrs.st_nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
+            attrs.st_nlink = 2 + self.kernfs.subdir_count(node)
         seconds = int(node.ctime)
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = (
             seconds * 1_000_000_000 + round((node.ctime - seconds) * 1e9))
@@ -462,7 +471,7 @@ class KernfsOperations(pyfuse3.Operations):
                     token, b"..", self._attr(node.parent or node), _DOTDOT):
                 return
             if start_id == 0 or handle.data is None:
-                children = list(node.children.values()) if node.children else []
+                children = self.kernfs.listdir(node)
                 handle.data = children
                 handle.inos = [child.ino for child in children]
             listing = handle.data

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from klpfs.fs.procpid import USER_HZ, task_stat, task_status
-from klpfs.kernel.kallsyms import PADDING_PREFIX, KSym
+from klpfs.kernel.kallsyms import PADDING_PREFIX
 from klpfs.kernel.kernel import Kernel
 from klpfs.kernel.module import ModuleState, module_size, taint_letters
 from klpfs.kernel.oops import KernelFault
@@ -54,8 +54,7 @@ class ProcFs:
         kernfs.create_file(sys_kernel, "tainted", 0o644, lambda: f"{kernel.modules.tainted}\n", size=0)
         kernfs.create_file(sys_kernel, "ftrace_enabled", 0o644, lambda: f"{self._ftrace_enabled}\n",
                            self._set_ftrace_enabled, size=0)
-        for task in kernel.sched.tasks.values():
-            self._task_event("fork", task)
+        kernfs.set_lazy(proc, self)
         kernel.sched.task_notifiers.append(self._task_event)
 
     def create_file(self, name: str, mode: int, show: Callable[[], str]) -> KernfsNode:
@@ -88,28 +87,17 @@ class ProcFs:
             raise
 
     def _kallsyms(self) -> str:
-        """/proc/kallsyms (s_show): vmlinux's functions, then each module's with its
-        name; a name that occurs more than once is a static function, 't'.  Module
-        symbols are listed newest module first, as the module list is walked.  With
-        CONFIG_CALL_PADDING each function's padding comes first, as the __pfx_ symbol
-        objtool gives it, of the function's own type."""
+        """/proc/kallsyms (s_show): vmlinux's symbols (Kallsyms.vmlinux_listing), then
+        each module's functions, 't', with its name.  Module symbols are listed newest
+        module first, as the module list is walked.  With CONFIG_CALL_PADDING each
+        function's padding comes first, as the __pfx_ symbol objtool gives it."""
         kallsyms = self._kernel.kallsyms
-        lines = []
-        vmlinux = kallsyms.symbols(None)
-        counts: dict[str, int] = {}
-        for sym in vmlinux:
-            counts[sym.name] = counts.get(sym.name, 0) + 1
-
-        def entries(sym: KSym, kind: str, suffix: str) -> None:
-            if kallsyms.padding:
-                lines.append(f"{sym.addr - kallsyms.padding:016x} {kind} {PADDING_PREFIX}{sym.name}{suffix}\n")
-            lines.append(f"{sym.addr:016x} {kind} {sym.name}{suffix}\n")
-
-        for sym in vmlinux:
-            entries(sym, "t" if counts[sym.name] > 1 else "T", "")
+        lines = [kallsyms.vmlinux_listing()]
         for module in reversed([m for m in kallsyms.objects() if m is not None]):
             for sym in kallsyms.symbols(module):
-                entries(sym, "t", f"\t[{module}]")
+                if kallsyms.padding:
+                    lines.append(f"{sym.addr - kallsyms.padding:016x} t {PADDING_PREFIX}{sym.name}\t[{module}]\n")
+                lines.append(f"{sym.addr:016x} t {sym.name}\t[{module}]\n")
         return "".join(lines)
 
     def _modules(self) -> str:
@@ -123,22 +111,40 @@ class ProcFs:
             lines.append(f"{mod.name} {size} {mod.refcnt} - {state} 0x0000000000000000{taints}\n")
         return "".join(lines)
 
+    def names(self) -> Iterator[str]:
+        """proc_pid_readdir(): a directory per live task, made or not."""
+        return (str(pid) for pid in self._kernel.sched.tasks)
+
+    def materialize(self, name: str) -> None:
+        """proc_pid_lookup(): a live task's directory, made when first looked up or
+        listed and kept while the task lives, so its inode numbers stay the same."""
+        if not name.isdigit() or name != str(int(name)):
+            return
+        task = self._kernel.sched.find(int(name))
+        if task is None:
+            return
+        kernfs = self._kernfs
+        node = kernfs.create_dir(self._proc, name, 0o555)
+        self._task_files(node, task)
+        self._task_files(kernfs.create_dir(kernfs.create_dir(node, "task", 0o555), name, 0o555), task)
+        self._dirs[task.pid] = node
+
     def _task_event(self, event: str, task: Task) -> None:
+        """A new task's directory is there to be looked up.  An exiting task's goes:
+        lookups find it no more, handles opened on it go stale."""
         if event == "fork":
-            node = self._kernfs.create_dir(self._proc, str(task.pid), 0o555)
-            self._task_files(node, task)
-            self._task_files(self._kernfs.create_dir(
-                self._kernfs.create_dir(node, "task", 0o555), str(task.pid), 0o555), task)
-            self._dirs[task.pid] = node
+            self._kernfs.lazy_dirs_changed(self._proc, 1)
+            return
+        gone = self._dirs.pop(task.pid, None)
+        if gone is not None:
+            self._kernfs.remove(gone)
         else:
-            gone = self._dirs.pop(task.pid, None)
-            if gone is not None:
-                self._kernfs.remove(gone)
+            self._kernfs.lazy_dirs_changed(self._proc, -1)
 
     def _task_files(self, node: KernfsNode, task: Task) -> None:
         kernfs = self._kernfs
         sched = self._kernel.sched
-        start_ticks = round(self._kernel.now() * USER_HZ)  # the fork event comes as the task starts
+        start_ticks = round(task.start_time * USER_HZ)
         kernfs.create_file(node, "comm", 0o644, lambda: f"{task.proc_name}\n", size=0)
         kernfs.create_file(node, "stat", 0o444, lambda: task_stat(sched, task, start_ticks), size=0)
         kernfs.create_file(node, "status", 0o444, lambda: task_status(sched, task), size=0)

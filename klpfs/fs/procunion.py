@@ -247,7 +247,7 @@ class ProcUnionOperations(KernfsOperations):
             if node is self._root:
                 self._tasks.sync()
             assert node.kn is not None
-            names += [name for name in (node.kn.children or {}) if node is not self._root or name != "self"]
+            names += [name for name in self.kernfs.names(node.kn) if node is not self._root or name != "self"]
         try:
             with os.scandir(self._real(node.rel)) as it:
                 real = [entry.name for entry in it]

@@ -35,10 +35,11 @@ Three rules keep the daemon safe from the code it runs:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,8 @@ class CodeRunner:
         self._main = greenlet.getcurrent()
         self._lines = 0
         self._tracing = 0
+        self._tracer = False
+        """sys.settrace() has the budget's tracer on."""
         self._atomic = 0
         """Engine operations under way that called into module code: nobody may sleep."""
         self.next_state: dict[int, str] = {}
@@ -325,15 +328,35 @@ class CodeRunner:
 
     # -- the budget -------------------------------------------------------------------
 
-    def _trace_on(self) -> None:
-        if self._tracing == 0:
+    @contextlib.contextmanager
+    def untraced(self) -> Iterator[None]:
+        """Engine code that runs no module code, however many tasks it walks (a
+        transition pass): the budget counts only module lines, so its tracer, on
+        when module code started the engine operation (a patch module's init
+        enabling its patch), is off until the walk ends instead of being called
+        at every function the walk calls."""
+        if not self._tracer:
+            yield
+            return
+        sys.settrace(None)
+        try:
+            yield
+        finally:
             sys.settrace(self._trace_call)
+
+    def _trace_on(self) -> None:
+        """Count module lines from here.  Only module sources have lines to count: until
+        one is loaded the tracer, which slows every call made under it, stays off."""
+        if not self._tracer and self.sources:
+            sys.settrace(self._trace_call)
+            self._tracer = True
         self._tracing += 1
 
     def _trace_off(self) -> None:
         self._tracing -= 1
-        if self._tracing == 0:
+        if self._tracing == 0 and self._tracer:
             sys.settrace(None)
+            self._tracer = False
 
     def _trace_call(self, frame: FrameType, event: str, arg: Any) -> Any:
         if frame.f_code.co_filename in self.sources:

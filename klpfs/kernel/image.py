@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 from klpfs.kernel.kallsyms import FuncDef, const_body
+from klpfs.kernel.kallsyms_file import SymbolFile
 
 DEFAULT_KERNEL = "4.15"
 """The observed kernel whose threads the default image runs."""
@@ -61,6 +62,9 @@ class Image:
     """The tasks started at boot; after `load_image`, the user tasks only."""
     kthreads: list[KthreadDef] = field(default_factory=list)
     """The observed kernel's threads, for klpfs.profile_image to add to `tasks`."""
+    symbols: SymbolFile | None = None
+    """A build's symbol table (--kallsyms) that vmlinux takes its symbols from; None:
+    `functions` laid out one after another (Kallsyms.add_vmlinux)."""
 
 
 def _function(f: dict[str, Any], cmdline: str, release: str) -> FuncDef:

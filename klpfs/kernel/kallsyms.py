@@ -2,25 +2,32 @@
 
 Symbols are kept per object in the order the kernel would list them, so a
 name that occurs several times (static functions in different files) is
-found by position, which is what klp_func.old_sympos counts (spec §3.4).
+found by position, which is what klp_func.old_sympos counts (klp_find_object_symbol()
+in kernel/livepatch/core.c).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from klpfs.kernel.kallsyms_file import TEXT_TYPES, SymbolFile
 from klpfs.kernel.seq_file import SeqFile
 
 VMLINUX_TEXT = 0xFFFFFFFF81000000
 MODULES_TEXT = 0xFFFFFFFFC0000000
 MODULE_SPAN = 0x100000
 FUNC_ALIGN = 16
+DEFAULT_SIZE = 0x100
+"""A function's size when nothing says otherwise: an image function's, and the last
+symbol of a symbol file's (the file does not say where text ends)."""
 FUNCTION_PADDING_BYTES = 16
 """CONFIG_CALL_PADDING's padding before each function (x86, CONFIG_FUNCTION_PADDING_BYTES)."""
 PADDING_PREFIX = "__pfx_"
 """The symbol objtool gives a function's padding: __pfx_<function>."""
+LISTING_CHUNK = 4096
+"""Lines joined at a time while the listing is made: never a list of every line."""
 
 Body = Callable[..., object]
 """What calling the function does: body(*args) -> its return value, run as
@@ -50,6 +57,12 @@ class KSym:
     ret: int | None = None
     """Where in it a frame of a sleeping task returns to, when the kernel shown has it;
     by default the middle of the function."""
+    kind: str | None = None
+    """Its type letter in a symbol file (--kallsyms); None: laid out by klpfs, a function."""
+
+    @property
+    def is_function(self) -> bool:
+        return self.kind is None or self.kind in TEXT_TYPES
 
     @property
     def object_name(self) -> str:
@@ -69,11 +82,28 @@ class FuncDef:
     """A function as an image or module file declares it, before it has an address."""
 
     name: str
-    size: int = 0x100
+    size: int = DEFAULT_SIZE
     body: Body = field(default=const_body(""))
     traceable: bool = True
     ret: int | None = None
     """KSym.ret."""
+
+
+def _next_higher(addrs: list[int]) -> list[int]:
+    """For each address the next higher one in the table, where kallsyms_lookup_size_offset()
+    ends a symbol (aliases share an end); the highest gets DEFAULT_SIZE, the table not
+    saying where text ends.  A sorted table (any dump) is one backward pass."""
+    if all(a <= b for a, b in zip(addrs, addrs[1:])):
+        ends = [0] * len(addrs)
+        end = addrs[-1] + DEFAULT_SIZE
+        for i in range(len(addrs) - 1, -1, -1):
+            if i + 1 < len(addrs) and addrs[i + 1] > addrs[i]:
+                end = addrs[i + 1]
+            ends[i] = end
+        return ends
+    unique = sorted(set(addrs))
+    following = dict(zip(unique, unique[1:]))
+    return [following.get(a, a + DEFAULT_SIZE) for a in addrs]
 
 
 class Kallsyms:
@@ -91,6 +121,78 @@ class Kallsyms:
         self._next_module_base = MODULES_TEXT
         self._free_area: tuple[int, int] | None = None
         """[start, end) of module_alloc()'s current span."""
+        self._by_name: dict[str | None, dict[str, KSym | list[KSym]]] = {}
+        """Each object's symbols by name, in table order (a list only for duplicates):
+        lookups never walk a table."""
+        self._vmlinux_listing: str | None = None
+
+    def _index(self, module: str | None, syms: list[KSym]) -> None:
+        index: dict[str, KSym | list[KSym]] = {}
+        for sym in syms:
+            seen = index.get(sym.name)
+            if seen is None:
+                index[sym.name] = sym
+            elif isinstance(seen, list):
+                seen.append(sym)
+            else:
+                index[sym.name] = [seen, sym]
+        self._by_name[module] = index
+
+    def add_vmlinux(self, funcs: list[FuncDef], symbols: SymbolFile | None) -> list[KSym]:
+        """vmlinux: the image's functions laid out (add_object), or a build's symbol file.
+
+        From a file every symbol keeps its address, type and table position; its size
+        is the distance to the next higher address, as kallsyms_lookup_size_offset()
+        computes it.  An image function the file has lends that symbol its behaviour;
+        one the file lacks is laid out after the file's last symbol, so the emulated
+        tasks can still run in it.
+        """
+        if symbols is None:
+            return self.add_object(None, funcs)
+        ends = _next_higher(symbols.addrs)
+        syms = [KSym(name, addr, end - addr, None, traceable=kind in TEXT_TYPES, kind=kind)
+                for name, addr, kind, end in zip(symbols.names, symbols.addrs, symbols.kinds, ends)]
+        first_text: dict[str, KSym] = {}
+        for sym in syms:
+            if sym.traceable:
+                first_text.setdefault(sym.name, sym)
+        addr = -(-max(ends) // FUNC_ALIGN) * FUNC_ALIGN
+        for f in funcs:
+            found = first_text.get(f.name)
+            if found is not None:
+                found.body, found.traceable = f.body, f.traceable
+                continue
+            syms.append(KSym(f.name, addr, f.size, None, f.body, f.traceable, f.ret, "T"))
+            addr += -(-f.size // FUNC_ALIGN) * FUNC_ALIGN
+        for sym in syms:
+            self._at.setdefault(sym.addr, sym)
+        self._starts = sorted(self._at)
+        self._next_module_base = max(MODULES_TEXT, -(-addr // MODULE_SPAN) * MODULE_SPAN)
+        self._by_object[None] = syms
+        self._index(None, syms)
+        self.vmlinux_listing()  # made at boot: the first `cat /proc/kallsyms` costs no more than the next
+        return syms
+
+    def vmlinux_listing(self) -> str:
+        """vmlinux's lines of /proc/kallsyms (s_show()), made once: vmlinux never changes.
+
+        From a symbol file: its symbols as it gives them.  Laid out by klpfs: a name
+        that occurs more than once is a static function, 't'; with CONFIG_CALL_PADDING
+        each function's padding comes first, as the __pfx_ symbol objtool gives it."""
+        if self._vmlinux_listing is None:
+            index = self._by_name.get(None, {})
+            chunks, lines = [], []
+            for sym in self.symbols(None):
+                kind = sym.kind or ("t" if isinstance(index.get(sym.name), list) else "T")
+                if sym.kind is None and self.padding:
+                    lines.append(f"{sym.addr - self.padding:016x} {kind} {PADDING_PREFIX}{sym.name}\n")
+                lines.append(f"{sym.addr:016x} {kind} {sym.name}\n")
+                if len(lines) >= LISTING_CHUNK:
+                    chunks.append("".join(lines))
+                    lines.clear()
+            chunks.append("".join(lines))
+            self._vmlinux_listing = "".join(chunks)
+        return self._vmlinux_listing
 
     def add_object(self, module: str | None, funcs: list[FuncDef]) -> list[KSym]:
         """Lay out an object's functions one after another, as the linker would."""
@@ -108,6 +210,7 @@ class Kallsyms:
             bisect.insort(self._starts, addr)
             addr += -(-f.size // FUNC_ALIGN) * FUNC_ALIGN
         self._by_object[module] = syms
+        self._index(module, syms)
         return syms
 
     def module_alloc(self, size: int) -> int:
@@ -122,13 +225,10 @@ class Kallsyms:
         return addr
 
     def remove_object(self, module: str) -> None:
+        self._by_name.pop(module, None)
         for sym in self._by_object.pop(module, []):
             del self._at[sym.addr]
             del self._starts[bisect.bisect_left(self._starts, sym.addr)]
-
-    def each_symbol(self, module: str | None) -> Iterator[KSym]:
-        """kallsyms_on_each_symbol restricted to one object, in table order."""
-        return iter(self._by_object.get(module, ()))
 
     def symbols(self, module: str | None) -> list[KSym]:
         return self._by_object.get(module, [])
@@ -146,11 +246,18 @@ class Kallsyms:
         return self._at.get(addr)
 
     def find(self, name: str, module: str | None = None) -> KSym | None:
-        """First function of that name in the object (what `call FUNC` means)."""
-        for sym in self._by_object.get(module, ()):
-            if sym.name == name:
-                return sym
-        return None
+        """First function of that name in the object (what `call FUNC` means): a symbol
+        file's data symbols of the name are passed over."""
+        seen = self._by_name.get(module, {}).get(name)
+        if isinstance(seen, list):
+            return next((sym for sym in seen if sym.is_function), None)
+        return seen if seen is not None and seen.is_function else None
+
+    def find_all(self, name: str, module: str | None = None) -> list[KSym]:
+        """Every symbol of that name in the object, in table order: what
+        kallsyms_on_each_symbol() would meet, without walking the table."""
+        seen = self._by_name.get(module, {}).get(name)
+        return seen if isinstance(seen, list) else [] if seen is None else [seen]
 
     def find_each(self, names: Iterable[str], module: str | None = None) -> list[KSym]:
         """The first function of each name; ValueError names one that does not exist."""
@@ -168,8 +275,8 @@ class Kallsyms:
 
     def find_any(self, name: str) -> KSym | None:
         """First function of that name anywhere: vmlinux first, then modules."""
-        for syms in self._by_object.values():
-            for sym in syms:
-                if sym.name == name:
-                    return sym
+        for module in self._by_object:
+            sym = self.find(name, module)
+            if sym is not None:
+                return sym
         return None

@@ -57,7 +57,7 @@ class Kernel:
         self.dyndbg = DynamicDebug(self.printk, lambda: self.current.pid)
         """pr_debug() callsites; System sets the profile's DdebugFeatures."""
         self.kallsyms = Kallsyms(padding)
-        self.kallsyms.add_object(None, self.image.functions)
+        self.kallsyms.add_vmlinux(self.image.functions, self.image.symbols)
         self.ftrace = Ftrace(self._ftrace_location, self.kallsyms.module_alloc)
         self.sched = Sched(self.timers, self.kallsyms, self.resolve, self.image.nr_cpus)
         self.code = CodeRunner(self)

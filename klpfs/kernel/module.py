@@ -4,9 +4,10 @@ Load (kernel/module.c): refuse a duplicate name (-EEXIST), taint, lay out
 symbols, COMING: the livepatch hook then the notifier chain, run init; a
 failing init goes GOING: notifier chain, livepatch hook, free.  Delete:
 -ENOENT if absent, -EWOULDBLOCK (EAGAIN) while referenced, then exit,
-GOING notifier chain, livepatch hook, free (spec §7).  The livepatch hooks
-are slots here because the real loader calls klp_module_coming/going
-directly, outside the notifier chain and able to fail the load.
+GOING notifier chain, livepatch hook, free (load_module() and delete_module()
+in kernel/module/main.c).  The livepatch hooks are slots here because the
+real loader calls klp_module_coming/going directly, outside the notifier
+chain and able to fail the load.
 """
 
 from __future__ import annotations

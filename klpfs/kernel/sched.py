@@ -87,8 +87,8 @@ class Activity:
 class Task:
     """task_struct, reduced to what livepatch and /proc look at."""
 
-    __slots__ = ("pid", "comm", "name", "kind", "cpu", "ppid", "base", "state", "activity", "frames",
-                 "reliable_stack", "flags", "patch_state", "_tick", "exited")
+    __slots__ = ("pid", "comm", "name", "kind", "_cpu", "ppid", "base", "_state", "activity", "frames",
+                 "reliable_stack", "flags", "patch_state", "_tick", "exited", "start_time", "_nr_running")
 
     def __init__(self, pid: int, comm: str, kind: TaskKind, base: list[KSym], cpu: int = 0,
                  ppid: int = 0, state: str = TASK_INTERRUPTIBLE, name: str | None = None):
@@ -98,10 +98,12 @@ class Task:
         """What /proc shows in place of comm, if anything (proc_task_name(): a kthread's
         full name, a kworker's with its workqueue)."""
         self.kind = kind
-        self.cpu = cpu
+        self._nr_running: list[int] | None = None
+        """The per-CPU running counts of the run queues the task is on (Sched.add)."""
+        self._cpu = cpu
         self.ppid = ppid
         self.base = base
-        self.state = state
+        self._state = state
         self.activity: Activity | None = None
         self.frames: list[KSym] = []
         """The functions whose code the task is executing, outermost first (Kernel.call)."""
@@ -110,6 +112,45 @@ class Task:
         self.patch_state = -1
         self._tick: Timer | None = None
         self.exited = False
+        self.start_time = 0.0
+        """Seconds since boot when the task was forked (task_struct's start_time)."""
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        """The CPU's running count follows, as rq->nr_running follows enqueue and dequeue."""
+        counts = self._nr_running
+        if counts is not None:
+            counts[self._cpu] += (state == TASK_RUNNING) - (self._state == TASK_RUNNING)
+        self._state = state
+
+    @property
+    def cpu(self) -> int:
+        return self._cpu
+
+    @cpu.setter
+    def cpu(self, cpu: int) -> None:
+        """A running task migrates its count to its new CPU's run queue."""
+        counts = self._nr_running
+        if counts is not None and self._state == TASK_RUNNING:
+            counts[self._cpu] -= 1
+            counts[cpu] += 1
+        self._cpu = cpu
+
+    def enqueue(self, nr_running: list[int]) -> None:
+        """Counted in nr_running from now on, as a task of the task list."""
+        self._nr_running = nr_running
+        nr_running[self._cpu] += self._state == TASK_RUNNING
+
+    def dequeue(self) -> None:
+        """Counted no more (the task exits)."""
+        counts = self._nr_running
+        if counts is not None:
+            counts[self._cpu] -= self._state == TASK_RUNNING
+        self._nr_running = None
 
     @property
     def proc_name(self) -> str:
@@ -137,6 +178,9 @@ class Sched:
         self.tasks: dict[int, Task] = {}
         self.idle_tasks: list[Task] = []
         self.cpu_online = [True] * nr_cpus
+        self.nr_running = [0] * nr_cpus
+        """Per CPU, the tasks of the task list in TASK_RUNNING on it (rq->nr_running less
+        the idle task): kept as tasks change, so whether a CPU is idle is one look."""
         self.exit_work: dict[str, Callable[[Task], None]] = {}
         """Flag -> handler run on return to user space and in the idle loop."""
         self.resched_work: dict[str, Callable[[Task], None]] = {}
@@ -185,7 +229,8 @@ class Sched:
 
     def add(self, comm: str, kind: TaskKind, base: list[KSym], ppid: int = 0,
             pid: int | None = None, foreign: bool = False, name: str | None = None) -> Task:
-        """A new task, copying its parent's patch state and pending flag (spec §8.12).
+        """A new task, copying its parent's patch state and pending flag (klp_copy_process() in
+        kernel/livepatch/transition.c).
 
         `foreign`: the pid was handed out outside the emulator (a real process
         of `klpfs run`), so it does not move where the emulator's own pids
@@ -198,12 +243,14 @@ class Sched:
         if not foreign:
             self._next_pid = max(self._next_pid, pid + 1)
         task = Task(pid, comm, kind, base, cpu=pid % len(self.cpu_online), ppid=ppid, name=name)
+        task.start_time = self._timers.now()
         parent = self.tasks.get(ppid)
         if parent is not None:
             task.patch_state = parent.patch_state
             if TIF_PATCH_PENDING in parent.flags:
                 task.flags.add(TIF_PATCH_PENDING)
         self.tasks[pid] = task
+        task.enqueue(self.nr_running)
         for notify in self.task_notifiers:
             notify("fork", task)
         return task
@@ -213,6 +260,7 @@ class Sched:
         self._cancel_tick(task)
         task.exited = True
         del self.tasks[task.pid]
+        task.dequeue()
         self._cpu_changed(task.cpu)
         for notify in self.task_notifiers:
             notify("exit", task)
@@ -236,12 +284,19 @@ class Sched:
             frames = frames + (act.sleep_frames if act.sleep_frames is not None else self._sleep[act.state])
         return frames
 
+    def resting_base(self, task: Task) -> list[KSym] | None:
+        """The base of a task resting on it: every task resting on the same base has the
+        same stack (stack()), its base then the resting frames.  None for any other task."""
+        if task.activity is None and not task.frames and task.kind is not TaskKind.IDLE and not task.in_user:
+            return task.base
+        return None
+
     def stack_trace_reliable(self, task: Task, max_entries: int) -> list[int] | None:
         """save_stack_trace_tsk_reliable: return addresses innermost first, or None."""
         frames = self.stack(task)
         if not task.reliable_stack or len(frames) > max_entries:
             return None
-        return [return_address(sym) for sym in reversed(frames)]
+        return [sym.addr + sym.return_offset for sym in reversed(frames)]  # where each frame returns to
 
     # -- CPUs --------------------------------------------------------------------
 
@@ -252,9 +307,9 @@ class Sched:
         return task.state == TASK_RUNNING
 
     def idle_running(self, idle: Task) -> bool:
+        """An online CPU with no task of the task list running on it runs its idle task."""
         cpu = idle.cpu
-        return self.cpu_online[cpu] and not any(
-            t.state == TASK_RUNNING and t.cpu == cpu for t in self.tasks.values())
+        return self.cpu_online[cpu] and not self.nr_running[cpu]
 
     def set_cpu_online(self, cpu: int, online: bool) -> None:
         self.cpu_online[cpu] = online
@@ -340,7 +395,8 @@ class Sched:
         self._cpu_changed(task.cpu)
 
     def signal_wake_up(self, task: Task) -> None:
-        """A fake signal: TIF_SIGPENDING without a queued signal (spec §8.10).
+        """A fake signal: TIF_SIGPENDING without a queued signal (klp_send_signals() in
+        kernel/livepatch/transition.c).
 
         A user task in an interruptible sleep leaves the kernel toward user
         space and then restarts the interrupted call (re-entering the function
@@ -418,7 +474,7 @@ class Sched:
         return {}
 
     def _arm_tick(self, task: Task) -> None:
-        if task._tick is None and any(flag in self._work_for(task) for flag in task.flags):
+        if task._tick is None and task.flags and not self._work_for(task).keys().isdisjoint(task.flags):
             task._tick = self._timers.call_later(TICK, lambda: self._tick_fired(task))
 
     def _tick_fired(self, task: Task) -> None:
@@ -444,11 +500,6 @@ class Sched:
         if act is not None and act.timer is not None:
             act.timer.cancel()
         task.activity = None
-
-
-def return_address(sym: KSym) -> int:
-    """Where a frame inside sym returns to: somewhere in its body."""
-    return sym.addr + sym.return_offset
 
 
 def in_sched_functions(sym: KSym) -> bool:

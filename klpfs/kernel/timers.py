@@ -151,7 +151,8 @@ def round_jiffies_relative(now: float, delay: float) -> float:
 
 
 class DelayedWork:
-    """schedule_delayed_work(): arming an already-pending work does nothing (spec §8.4)."""
+    """schedule_delayed_work(): arming an already-pending work does nothing (queue_delayed_work_on()
+    in kernel/workqueue.c)."""
 
     def __init__(self, timers: Timers, fn: Callable[[], None]):
         self._timers = timers

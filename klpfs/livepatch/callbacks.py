@@ -1,5 +1,5 @@
 """The callback wrappers (kernel/livepatch/core.h): post_unpatch runs at most once
-per successful pre_patch, gated by post_unpatch_enabled (spec §5)."""
+per successful pre_patch, gated by post_unpatch_enabled."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Registration, enabling, disabling, sysfs and module notifiers
-(kernel/livepatch/core.c, spec §2-§4, §7).
+(kernel/livepatch/core.c).
 
 Every public operation runs to completion without yielding to trio, which is
 how klp_mutex is honoured: nothing else can observe or change livepatch
@@ -61,7 +61,7 @@ class Livepatch:
         self.profile = profile
         self.kernfs = kernfs
         self.reliable_stacks = reliable_stacks
-        """klp_have_reliable_stack(): the arch can check stacks (§1.4)."""
+        """klp_have_reliable_stack() in include/linux/livepatch.h: the arch can check stacks."""
         self.klp_patches: list[KlpPatch] = []
         self.klp_ops: list[KlpOps] = []
         self.klp_transition_patch: KlpPatch | None = None
@@ -92,7 +92,7 @@ class Livepatch:
         self.kernel.dyndbg.pr_debug(self.debug_sites[site], f"livepatch: {text}")
 
     def immediate(self, patch: KlpPatch) -> bool:
-        """patch->immediate, which exists only where the profile has it (4.15, §4.1)."""
+        """patch->immediate, which exists only where the profile has it (4.15)."""
         return self.profile.immediate and patch.immediate
 
     def func_immediate(self, func: KlpFunc) -> bool:
@@ -102,15 +102,15 @@ class Livepatch:
     def klp_is_patch_registered(self, patch: KlpPatch) -> bool:
         return any(p is patch for p in self.klp_patches)
 
-    # -- symbol lookup (§3.4) ---------------------------------------------------
+    # -- symbol lookup ---------------------------------------------------------
 
     def klp_find_object_symbol(self, objname: str | None, name: str, sympos: int) -> int:
         """The address of the sympos-th `name` in the object, or -EINVAL with a message."""
+        # klp_find_callback() over kallsyms_on_each_symbol(): the matches in table order,
+        # counted up to the one asked for (or, without sympos, to a second).
         count = 0
         addr = 0
-        for sym in self.kernel.kallsyms.each_symbol(objname):
-            if sym.name != name:
-                continue
+        for sym in self.kernel.kallsyms.find_all(name, objname):
             addr = sym.addr
             count += 1
             if (sympos and count == sympos) or (not sympos and count > 1):
@@ -126,10 +126,11 @@ class Livepatch:
             return addr
         return -errno.EINVAL
 
-    # -- registration (§3) -----------------------------------------------------------
+    # -- registration ----------------------------------------------------------------
 
     def _check_livepatch_module(self, patch: KlpPatch) -> int:
-        """The module must be marked, and the arch able to check stacks (§3.1, §12.4)."""
+        """The module must be marked, and the arch able to check stacks (klp_register_patch(),
+        from 5.1 klp_enable_patch(), in kernel/livepatch/core.c)."""
         assert patch.mod is not None
         if not patch.mod.livepatch:
             self.pr(KERN_ERR, f"module {patch.mod.name} is not marked as a livepatch module")
@@ -149,7 +150,7 @@ class Livepatch:
         return 0
 
     def klp_register_patch(self, patch: KlpPatch) -> int:
-        """4.x: build the sysfs tree and put the patch on the list, disabled (§3)."""
+        """4.x: build the sysfs tree and put the patch on the list, disabled."""
         if patch is None or patch.mod is None:
             return -errno.EINVAL
         ret = self._check_livepatch_module(patch)
@@ -186,7 +187,7 @@ class Livepatch:
 
     def _klp_add_nops(self, patch: KlpPatch) -> None:
         """Atomic replace: a nop for every function an older patch changes and this
-        one does not, in a dynamic object where this patch has none (§12.4)."""
+        one does not, in a dynamic object where this patch has none."""
         assert patch.objs is not None
         for old in self.klp_patches:
             for old_obj in old.objs or ():
@@ -305,7 +306,7 @@ class Livepatch:
         return 0
 
     def _klp_init_object_loaded(self, patch: KlpPatch, obj: KlpObject) -> int:
-        """Resolve old_addr and the sizes of every func of a loaded object (§3.5)."""
+        """Resolve old_addr and the sizes of every func of a loaded object."""
         kallsyms = self.kernel.kallsyms
         if klp_is_module(obj) and obj.relocs is not None:
             # Module-specific klp relocations are written once the module is there (6.1).
@@ -380,7 +381,7 @@ class Livepatch:
             klp_unpatch_objects(self, old)
 
     def klp_discard_nops(self, patch: KlpPatch) -> None:
-        """Once a replace patch is in place its nops and dynamic objects go (§12.4)."""
+        """Once a replace patch is in place its nops and dynamic objects go."""
         assert patch.objs is not None
         for obj in list(patch.objs):
             assert obj.funcs is not None
@@ -395,7 +396,7 @@ class Livepatch:
                 patch.objs.remove(obj)
 
     def klp_unregister_patch(self, patch: KlpPatch) -> int:
-        """Only `enabled` is checked, so an unpatching transition does not stop it (§4.4)."""
+        """Only `enabled` is checked, so an unpatching transition does not stop it."""
         if not self.klp_is_patch_registered(patch):
             return -errno.EINVAL
         if patch.enabled:
@@ -407,12 +408,12 @@ class Livepatch:
         patch.kobj = None
         return 0
 
-    # -- enable / disable (§4) ------------------------------------------------------------
+    # -- enable / disable -----------------------------------------------------------------
 
     def klp_enable_patch(self, patch: KlpPatch) -> int:
         """4.x: enable a registered patch.  5.1+: the whole job, from the module's
         init: check, take the module, build the tree, enable; on any error the
-        patch is freed again (§12.4)."""
+        patch is freed again."""
         if self.profile.register_api:
             if not self.klp_is_patch_registered(patch):
                 return -errno.EINVAL
@@ -505,7 +506,7 @@ class Livepatch:
         klp_try_complete_transition(self)
         return 0
 
-    # -- sysfs stores (§2.4, §2.6) ---------------------------------------------------------
+    # -- sysfs stores (enabled_store(), signal_store(), force_store() in kernel/livepatch/core.c) ---
 
     def _enabled_store(self, patch: KlpPatch, buf: bytes) -> int:
         enabled = kstrtobool(buf)
@@ -528,7 +529,8 @@ class Livepatch:
     def _transition_action_store(self, patch: KlpPatch, buf: bytes,
                                  action: Callable[[Livepatch], None]) -> int:
         """signal and force: `0` is accepted and does nothing; `1` acts on this
-        patch's transition, which must be the running one (§2.6)."""
+        patch's transition, which must be the running one (signal_store() and force_store()
+        in kernel/livepatch/core.c)."""
         value = kstrtobool(buf)
         if value is None:
             return -errno.EINVAL
@@ -539,7 +541,7 @@ class Livepatch:
         action(self)
         return len(buf)
 
-    # -- module notifiers (§7) ---------------------------------------------------------------
+    # -- module notifiers (klp_module_coming(), klp_module_going()) --------------------------------
 
     def _module_object(self, patch: KlpPatch, mod: Module) -> KlpObject | None:
         """The patch's first object for this module, if any."""
@@ -584,8 +586,9 @@ class Livepatch:
         self.pr(KERN_WARNING, f"patch '{patch.name}' failed for module '{mod.name}', "
                               f"refusing to load module '{mod.name}'")
         mod.klp_alive = False
-        # The later fix (§12.1): the failing object forgets the module too, so
-        # it does not count as loaded once the module is gone.
+        # The later fix (obj->mod = NULL in klp_module_coming()'s error path): the
+        # failing object forgets the module too, so it does not count as loaded
+        # once the module is gone.
         self._forget_module(obj)
         self._klp_cleanup_module_patches_limited(mod, patch)
         return ret

@@ -1,4 +1,4 @@
-"""klp_ops, func stacks and the ftrace handler (kernel/livepatch/patch.c, spec §6)."""
+"""klp_ops, func stacks and the ftrace handler (kernel/livepatch/patch.c)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def klp_find_ops(lp: Livepatch, old_addr: int) -> KlpOps | None:
 
 
 def klp_ftrace_handler(ops: KlpOps, ip: int, task: Task, lp: Livepatch | None = None) -> int | None:
-    """Which function runs instead of ip for this task (the §6.3 table).
+    """Which function runs instead of ip for this task.
 
     A func whose module `rmmod -f` freed is still on the stack: reading it faults,
     and the caller of the patched function oopses."""

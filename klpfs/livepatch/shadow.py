@@ -1,4 +1,4 @@
-"""Shadow variables (kernel/livepatch/shadow.c, spec §10 and §12.3).
+"""Shadow variables (kernel/livepatch/shadow.c).
 
 A table of <obj, id> -> data, independent of any patch's state: variables
 outlive the patch that made them unless freed.  The 4.17 form adds an

@@ -1,7 +1,7 @@
 """The livepatch structures (include/linux/livepatch.h), with the kernel's field names.
 
 The fields above the blank line of each class are what a patch author fills
-in; the rest are the core's internal state (spec §1.2).
+in; the rest are the core's internal state.
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ class KlpFunc:
     patched: bool = False
     transition: bool = False
     nop: bool = False
-    """An atomic-replace placeholder: runs the original function (5.1, §12.4)."""
+    """An atomic-replace placeholder: runs the original function (klp_alloc_func_nop() in
+    kernel/livepatch/core.c, 5.1)."""
     freed_at: int = 0
     """Nonzero once `rmmod -f` freed the module holding it while its patch was registered:
     the ftrace handler, still finding it on the func stack, faults reading it."""
 
     @property
     def kobj_name(self) -> str:
-        """"%s,%lu" with sympos 0 shown as 1 (spec §2.1)."""
+        """"%s,%lu" with sympos 0 shown as 1 (klp_init_func() in kernel/livepatch/core.c)."""
         return f"{self.old_name},{self.old_sympos or 1}"
 
 
@@ -114,7 +115,8 @@ class KlpPatch:
 
 @dataclass(eq=False)
 class KlpOps:
-    """One per patched old_addr; func_stack[0] is the top, the one that runs (§6.1)."""
+    """One per patched old_addr; func_stack[0] is the top, the one that runs (struct klp_ops in
+    kernel/livepatch/patch.h)."""
 
     fops: FtraceOps
     func_stack: list[KlpFunc] = field(default_factory=list)

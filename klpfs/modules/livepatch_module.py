@@ -1,5 +1,6 @@
 """A livepatch module's code: build its klp_patch and register/enable it from
-init, as the kernel's samples do for the running profile (spec §4.6).
+init, as the kernel's samples do for the running profile (livepatch_init() in
+samples/livepatch/livepatch-sample.c).
 
 Tests describe a patch module with PatchModuleSpec and Python callables;
 module files build the same structures through these functions.  Each load

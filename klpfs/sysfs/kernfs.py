@@ -1,7 +1,7 @@
 """A small kernfs: the tree of directories and attributes behind sysfs.
 
 It carries the rules every sysfs file obeys, whoever registered it, so the
-livepatch code only supplies show/store callbacks (spec §2.2):
+livepatch code only supplies show/store callbacks:
 
 * opening an attribute for writing when its mode has no write bit, or for
   reading when it has no read bit, is EACCES even for root (kernfs_fop_open);
@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 PAGE_SIZE = 4096
@@ -66,11 +66,24 @@ class KernfsListener(Protocol):
     def node_removed(self, node: KernfsNode) -> None: ...
 
 
+class LazyDirs(Protocol):
+    """Subdirectories a directory lists and finds without holding nodes for them until
+    asked (procfs's /proc/<pid>: proc_pid_lookup() and proc_pid_readdir() make a task's
+    inode when it is looked up, so 100,000 tasks cost nothing until someone looks)."""
+
+    def names(self) -> Iterable[str]:
+        """Every such subdirectory's name, made or not."""
+
+    def materialize(self, name: str) -> None:
+        """Create the named subdirectory (and what it holds) if the name is one; called
+        only while the directory has no child of that name."""
+
+
 class KernfsNode:
     """One directory or attribute; an attribute has show and/or store."""
 
     __slots__ = ("name", "mode", "parent", "children", "ino", "show", "store", "active", "ctime", "size",
-                 "fops", "seq")
+                 "fops", "seq", "lazy", "made_lazily")
 
     def __init__(self, name: str, mode: int, parent: KernfsNode | None, ino: int,
                  show: Show | None = None, store: Store | None = None, ctime: float = 0.0):
@@ -88,6 +101,10 @@ class KernfsNode:
         self.fops: FileOps | None = None
         self.seq = False
         """show() is a seq_file's: what it prints is not limited to a page."""
+        self.lazy: LazyDirs | None = None
+        """Subdirectories made on first lookup or listing (Kernfs.set_lazy)."""
+        self.made_lazily = False
+        """One of its parent's lazy subdirectories: counted among them before it was made."""
 
     @property
     def is_dir(self) -> bool:
@@ -116,6 +133,10 @@ class Kernfs:
         self.root = KernfsNode("", stat.S_IFDIR | 0o755, None, ROOT_INO, ctime=now())
         self._nodes: dict[int, KernfsNode] = {ROOT_INO: self.root}
         self.listeners: list[KernfsListener] = []
+        self.subdir_listeners: list[Callable[[KernfsNode, int], None]] = []
+        """Told (directory, +1 or -1) when a lazy subdirectory comes or goes without a
+        node (lazy_dirs_changed): a directory's link count follows its subdirectories."""
+        self._materializing: KernfsNode | None = None
         self.settlers: list[Callable[[], Awaitable[None]]] = []
         """Listeners that pass changes on later (to the kernel's FUSE caches): each
         returns once what it was told so far has arrived."""
@@ -135,9 +156,52 @@ class Kernfs:
         return self._nodes.get(ino)
 
     def lookup(self, parent: KernfsNode, name: str) -> KernfsNode | None:
+        """The child named `name`, made first if it is one of parent's lazy directories."""
         if parent.children is None:
             return None
-        return parent.children.get(name)
+        node = parent.children.get(name)
+        if node is None and parent.lazy is not None and parent.active:
+            self._materialize(parent, parent.lazy, name)
+            node = parent.children.get(name)
+        return node
+
+    def _materialize(self, parent: KernfsNode, lazy: LazyDirs, name: str) -> None:
+        """Have lazy make `name`; the subdirectory it adds to parent is marked made_lazily
+        before anyone is told of it."""
+        self._materializing = parent
+        try:
+            lazy.materialize(name)
+        finally:
+            self._materializing = None
+
+    def listdir(self, parent: KernfsNode) -> list[KernfsNode]:
+        """A directory's children in inode order, its lazy directories made first (readdir)."""
+        if parent.children is None:
+            return []
+        lazy = parent.lazy
+        if lazy is not None and parent.active:
+            for name in list(lazy.names()):
+                if name not in parent.children:
+                    self._materialize(parent, lazy, name)
+        return list(parent.children.values())
+
+    def names(self, parent: KernfsNode) -> list[str]:
+        """A directory's child names, lazy directories included, making none of them."""
+        if parent.children is None:
+            return []
+        names = list(parent.children)
+        if parent.lazy is not None:
+            names += [name for name in parent.lazy.names() if name not in parent.children]
+        return names
+
+    def subdir_count(self, parent: KernfsNode) -> int:
+        """How many subdirectories the directory has, lazy ones included (its nlink less 2)."""
+        if parent.children is None:
+            return 0
+        count = sum(1 for child in parent.children.values() if child.is_dir)
+        if parent.lazy is not None:
+            count += sum(1 for name in parent.lazy.names() if name not in parent.children)
+        return count
 
     def walk(self, path: str) -> KernfsNode | None:
         """Resolve a slash-separated path from the root."""
@@ -155,6 +219,18 @@ class Kernfs:
     def create_dir(self, parent: KernfsNode, name: str, mode: int = 0o755) -> KernfsNode:
         """Raises FileExistsError on a name clash, as kernfs_add_one does."""
         return self._add(parent, KernfsNode(name, stat.S_IFDIR | mode, parent, 0))
+
+    @staticmethod
+    def set_lazy(node: KernfsNode, lazy: LazyDirs) -> None:
+        """From now on node lists and finds lazy's directories, made when first asked for."""
+        assert node.children is not None, "only a directory has lazy subdirectories"
+        node.lazy = lazy
+
+    def lazy_dirs_changed(self, parent: KernfsNode, delta: int) -> None:
+        """One of parent's lazy subdirectories came (+1) or went (-1) without a node
+        having been made for it."""
+        for listener in self.subdir_listeners:
+            listener(parent, delta)
 
     def create_file(self, parent: KernfsNode, name: str, mode: int,
                     show: Show | None = None, store: Store | None = None, size: int = PAGE_SIZE,
@@ -180,6 +256,7 @@ class Kernfs:
             raise FileExistsError(errno.EEXIST, "duplicate filename", f"{parent.path}/{node.name}")
         node.ino = self._next_ino
         node.ctime = self._now()
+        node.made_lazily = parent is self._materializing and node.is_dir
         self._next_ino += 1
         parent.children[node.name] = node
         self._nodes[node.ino] = node

@@ -1,7 +1,8 @@
 """kobject_add for the livepatch tree: a directory plus its default attributes.
 
-A name clash prints what sysfs and the kobject core print (spec §3.1) and
-fails with -EEXIST, creating nothing.
+A name clash prints what sysfs and the kobject core print (sysfs_warn_dup() in
+fs/sysfs/dir.c, kobject_add_internal() in lib/kobject.c) and fails with -EEXIST,
+creating nothing.
 """
 
 from __future__ import annotations

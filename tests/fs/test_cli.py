@@ -73,7 +73,7 @@ def test_background_daemon_logs_where_asked(mountpoint: Path, tmp_path: Path) ->
 def test_the_kernel_profile_is_checked(mountpoint: Path) -> None:
     result = klpfs("mount", "--kernel", "5.0", str(mountpoint))
     assert result.returncode == 2
-    choices = ", ".join([*PROFILES, "latest"])
+    choices = ", ".join([*PROFILES, "latest", "host"])
     assert result.stderr.splitlines()[-1] == ("klpfs mount: error: argument --kernel: unknown "
                                               f"kernel version '5.0' (choose from {choices})")
     assert not is_klpfs_mount(mountpoint)

@@ -247,3 +247,51 @@ async def test_reads_wait_until_removals_reached_the_kernel(tree: Tree) -> None:
         nursery.cancel_scope.cancel()
     assert results == [b"ro\n"]
     assert tree.notifier.sent[0] == ("entry", tree.dir.ino, b"sub")
+
+
+class LazyNumbers:
+    """A directory's numbered subdirectories made on demand, as procfs's /proc/<pid>."""
+
+    def __init__(self, kernfs: Kernfs, parent: KernfsNode) -> None:
+        self.kernfs = kernfs
+        self.parent = parent
+        self.live: list[str] = []
+
+    def names(self) -> list[str]:
+        return list(self.live)
+
+    def materialize(self, name: str) -> None:
+        if name in self.live:
+            self.kernfs.create_dir(self.parent, name)
+
+    def add(self, name: str) -> None:
+        self.live.append(name)
+        self.kernfs.lazy_dirs_changed(self.parent, 1)
+
+    def drop(self, name: str) -> None:
+        self.live.remove(name)
+        node = self.parent.children.get(name) if self.parent.children is not None else None
+        if node is None:
+            self.kernfs.lazy_dirs_changed(self.parent, -1)
+        else:
+            self.kernfs.remove(node)
+
+
+async def test_a_lazy_directory_links_its_subdirectories_made_or_not(tree: Tree) -> None:
+    numbers = LazyNumbers(tree.kernfs, tree.dir)
+    tree.kernfs.set_lazy(tree.dir, numbers)
+    numbers.add("7")
+
+    async def nlink() -> int:
+        return (await tree.ops.getattr(tree.dir.ino, None)).st_nlink
+
+    assert await nlink() == 4  # sub/ and 7/
+    numbers.add("8")
+    assert await nlink() == 5
+    assert (await tree.ops.lookup(tree.dir.ino, b"7", None)).st_mode == 0o40755
+    assert await nlink() == 5
+    numbers.drop("7")
+    assert await nlink() == 4
+    numbers.drop("8")
+    assert await nlink() == 3
+    assert await fuse_errno(tree.ops.lookup(tree.dir.ino, b"8", None)) == errno.ENOENT

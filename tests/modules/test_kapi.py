@@ -30,7 +30,7 @@ async def m61(nursery) -> Machine:
 def snapshot(m: Machine) -> tuple:
     """What a load that fails must leave as it was."""
     return (sorted(m.kernel.modules.modules), sorted(m.kernfs.walk("sys/module").children or {}),
-            sorted(m.kernfs.walk("proc").children or {}), sorted(m.sched.tasks),
+            sorted(m.kernfs.names(m.kernfs.walk("proc"))), sorted(m.sched.tasks),
             [s.name for syms in (m.kernel.kallsyms.symbols(n) for n in m.kernel.modules.modules) for s in syms])
 
 

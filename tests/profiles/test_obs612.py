@@ -297,7 +297,7 @@ async def test_row12_kernel_threads_after_boot(nursery, version, expected, autoj
     m = make_machine(nursery, version)
     assert proc_comms(m) == sorted(expected)
     listed = sorted(t["pid"] for t in (await m.ctl("ps"))["tasks"] if t["pid"])
-    assert listed == sorted(int(name) for name in m.node("proc").children if name.isdigit())
+    assert listed == sorted(int(name) for name in m.kernfs.names(m.node("proc")) if name.isdigit())
 
 
 @pytest.mark.parametrize("version, present, absent", [
