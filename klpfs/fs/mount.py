@@ -100,6 +100,16 @@ def default_fuse_options() -> set[str]:
     return set(FUSE_OPTIONS | ({ALLOW_OTHER} if allow_other_allowed(FUSE_CONF) else set()))
 
 
+PATH_OPTIONS = {
+    "log": ("log", "a file name"),
+    "procunion": ("procunion", "a directory"),
+    "hostkernel": ("host_kernel", "a directory"),
+    "kallsyms": ("kallsyms", "a file name"),
+    "symvers": ("symvers", "a file name"),
+}
+"""Mount options naming a path: the MountOptions field each sets, and what it must name."""
+
+
 @dataclass
 class MountOptions:
     """-o options: ``log=PATH``, ``speed=N``, ``procunion=DIR``, ``hostkernel=DIR``,
@@ -137,26 +147,11 @@ class MountOptions:
                     raise MountError("empty mount option")
                 if option == "debug":
                     options.debug = True
-                elif name == "log":
+                elif name in PATH_OPTIONS:
+                    field_name, what = PATH_OPTIONS[name]
                     if not arg:
-                        raise MountError("log= needs a file name")
-                    options.log = os.path.abspath(arg)
-                elif name == "procunion":
-                    if not arg:
-                        raise MountError("procunion= needs a directory")
-                    options.procunion = os.path.abspath(arg)
-                elif name == "hostkernel":
-                    if not arg:
-                        raise MountError("hostkernel= needs a directory")
-                    options.host_kernel = os.path.abspath(arg)
-                elif name == "kallsyms":
-                    if not arg:
-                        raise MountError("kallsyms= needs a file name")
-                    options.kallsyms = os.path.abspath(arg)
-                elif name == "symvers":
-                    if not arg:
-                        raise MountError("symvers= needs a file name")
-                    options.symvers = os.path.abspath(arg)
+                        raise MountError(f"{name}= needs {what}")
+                    setattr(options, field_name, os.path.abspath(arg))
                 elif name == "release":
                     if not arg or arg != arg.strip() or any(c.isspace() for c in arg):
                         raise MountError(f"release= needs a release string without spaces, not {arg!r}")
