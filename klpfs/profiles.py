@@ -201,6 +201,11 @@ class Profile:
     package_id: str = ""
     """LINUX_PACKAGE_ID, which Debian's kernels print after the build number where a stack
     dump names the kernel (dump_stack_print_info()); "" where it was not observed."""
+    module_force_load: bool = False
+    """CONFIG_MODULE_FORCE_LOAD: finit_module()'s MODULE_INIT_IGNORE_* flags (`insmod -f`)
+    load a module whose vermagic or module_layout CRC disagrees, tainting F.  Debian's 6.1
+    and 6.12 configs set it; the other kernels' configs are not at hand, and there a forced
+    load is refused as the kernel without it refuses it."""
 
     def has(self, rule: Rule) -> bool:
         """Does this release have the change `rule` stands for?"""
@@ -287,18 +292,20 @@ LINUX_6_1 = LINUX_5_1.derive(
     sysfs_patched=True, vmlinux_name_check=True, module_sig_messages=True, module_force_unload=True,
     ftrace_save_regs=False, ftrace_show=SHOW_RID, trace_mode_read=0o440,
     dyndbg="6.1", image="6.1", vermagic_flags="SMP preempt mod_unload modversions ", module_layout_crc=0xBCE1A965,
+    module_force_load=True,
 )
 
 # 6.11's callsites are 6.12's: its transition.c already has the cond_resched()
 # switching (6.4) that moved them from where 6.1 has them.  Its vmlinux, and
 # 6.14's, follow the 6.12 kernel observed, the nearest one.
-LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", sysfs_replace=True,
+LINUX_6_11 = LINUX_6_1.derive("6.11", "6.11.10-amd64", sysfs_replace=True, module_force_load=False,
                               dyndbg="6.12", livepatch_sources="6.12", image="6.12", module_layout_crc=None,
                               ftrace_show=SHOW_RIDOM)
 
 # Debian's 6.12 LTS (Debian 13, and 12's backports), as observed: what it shows beyond
 # 6.11 came with earlier releases (the Rules) or is its own build (sizes, tasks).
-LINUX_6_12 = LINUX_6_11.derive("6.12", "6.12.118+deb12-amd64", package_id=" Debian 6.12.118-1~deb12u1")
+LINUX_6_12 = LINUX_6_11.derive("6.12", "6.12.118+deb12-amd64", package_id=" Debian 6.12.118-1~deb12u1",
+                               module_force_load=True)
 
 LINUX_6_14 = LINUX_6_11.derive("6.14", "6.14.0-37-generic", sysfs_stack_order=True, module_force_unload=False)
 

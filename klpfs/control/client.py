@@ -188,10 +188,13 @@ class Client:
 
     # -- modules ------------------------------------------------------------------
 
-    def insmod(self, path: Path, params: Sequence[str] = (), behaviour: Path | None = None) -> str:
+    def insmod(self, path: Path, params: Sequence[str] = (), behaviour: Path | None = None,
+               flags: int = 0) -> str:
         """Load a module file (a .ko with `behaviour`, the Python module standing in for its
-        code); the loaded module's name.  OSError or UnicodeDecodeError if it is unreadable."""
-        return str(self._call("insmod", params=list(params), **insmod_file_args(path, behaviour))["name"])
+        code); the loaded module's name.  `flags`: finit_module()'s MODULE_INIT_IGNORE_*, as
+        `insmod -f` passes them.  OSError or UnicodeDecodeError if it is unreadable."""
+        return str(self._call("insmod", params=list(params), flags=flags,
+                              **insmod_file_args(path, behaviour))["name"])
 
     def rmmod(self, name: str, flags: int = 0) -> None:
         """delete_module(name, flags): O_NONBLOCK, O_EXCL, O_TRUNC as kmod and busybox pass them."""

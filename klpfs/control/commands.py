@@ -25,6 +25,7 @@ from klpfs.control.runtime import NoDaemon
 from klpfs.control.samples import find_module_file, list_samples, module_stem
 from klpfs.control.toolwords import kmod_insert, kmod_missing, kmod_remove
 from klpfs.control.watch import DEFAULT_INTERVAL, watch
+from klpfs.elf.kmod import MODULE_INIT_IGNORE_MODVERSIONS, MODULE_INIT_IGNORE_VERMAGIC
 from klpfs.kernel.printk import LEVEL_NAMES
 
 EXAMPLES = {
@@ -138,6 +139,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--behaviour", metavar="FILE.py", type=Path,
                    help="for a .ko: the Python module whose functions stand in for its machine code "
                         "(default: FILE.py beside FILE.ko, if there is one)")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="load despite a vermagic or module_layout CRC mismatch, as `insmod -f` does "
+                        "(the kernel taints F; refused without CONFIG_MODULE_FORCE_LOAD)")
     p.set_defaults(func=cmd_insmod)
 
     p = sub("rmmod", "unload a module from the emulated kernel")
@@ -260,7 +264,8 @@ def cmd_insmod(args: argparse.Namespace) -> int:
         names = ", ".join(p.stem for p in list_samples())
         return _fail([f"{kmod_missing(args.file)} (shipped samples: {names})"])
     try:
-        Client(args.mount).insmod(path, args.params, args.behaviour)
+        flags = MODULE_INIT_IGNORE_MODVERSIONS | MODULE_INIT_IGNORE_VERMAGIC if args.force else 0
+        Client(args.mount).insmod(path, args.params, args.behaviour, flags)
     except Refused as refusal:
         return _fail(kmod_insert(args.file, refusal))
     except (OSError, UnicodeDecodeError) as e:

@@ -18,7 +18,13 @@ from klpfs.control.arguments import wrong_argument
 from klpfs.control.lpstate import livepatch_state
 from klpfs.control.modfile import ModuleFile, ModuleFileError, parse_module_file
 from klpfs.control.modload import build_module, check_profile
-from klpfs.elf.kmod import KoError, build_ko_module
+from klpfs.elf.kmod import (
+    MODULE_INIT_IGNORE_MODVERSIONS,
+    MODULE_INIT_IGNORE_VERMAGIC,
+    KoError,
+    build_ko_module,
+    force_source_module,
+)
 from klpfs.control.samples import module_stem
 from klpfs.modules.pymodule import PyModuleError, build_pymodule
 from klpfs.kernel.kallsyms import KSym
@@ -66,28 +72,38 @@ class Control:
     # -- modules ------------------------------------------------------------------
 
     async def insmod(self, path: str, text: str = "", params: list[str] | None = None,
-                     data: bytes | str | None = None, behaviour: dict[str, str] | None = None) -> Reply:
+                     data: bytes | str | None = None, behaviour: dict[str, str] | None = None,
+                     flags: int = 0) -> Reply:
         """Load a module file: `text` for .py and TOML files, `data` (bytes, or base64 over
         the socket) for a .ko; `behaviour` {path, text}: the Python module that supplies a
-        .ko's function bodies."""
+        .ko's function bodies; `flags`: finit_module()'s MODULE_INIT_IGNORE_MODVERSIONS and
+        MODULE_INIT_IGNORE_VERMAGIC (`insmod -f`)."""
         params = list(params or [])
+        if flags & ~(MODULE_INIT_IGNORE_MODVERSIONS | MODULE_INIT_IGNORE_VERMAGIC):
+            # finit_module(): unknown flags are -EINVAL (a compressed file is never passed here).
+            return fail(errno.EINVAL, f"insmod: unknown finit_module flags {flags:#x}")
         if data is not None:
-            return await self._insmod_ko(path, data, params, behaviour)
+            return await self._insmod_ko(path, data, params, behaviour, flags)
         if path.endswith(".py"):
             try:
                 mod = build_pymodule(path, text, self.system)
             except PyModuleError as e:
                 return fail(e.errno, str(e), file_error=e.errno == errno.ENOEXEC)
-            return await self.init_module(mod, params)
+        else:
+            try:
+                mf = parse_module_file(path, text)
+                self._check_profile(mf)
+            except ModuleFileError as e:
+                return fail(errno.ENOEXEC, str(e), file_error=True)
+            mod = build_module(mf, self.system)
         try:
-            mf = parse_module_file(path, text)
-            self._check_profile(mf)
-        except ModuleFileError as e:
-            return fail(errno.ENOEXEC, str(e), file_error=True)
-        return await self.init_module(build_module(mf, self.system), params)
+            force_source_module(mod, self.system, flags)
+        except KoError as e:
+            return fail(e.errno, str(e), file_error=True)
+        return await self.init_module(mod, params)
 
     async def _insmod_ko(self, path: str, data: bytes | str, params: list[str],
-                         behaviour: dict[str, str] | None) -> Reply:
+                         behaviour: dict[str, str] | None, flags: int) -> Reply:
         if isinstance(data, str):
             try:
                 data = base64.b64decode(data, validate=True)
@@ -97,7 +113,7 @@ class Control:
         if behaviour is not None:
             companion = (str(behaviour.get("path", "")), str(behaviour.get("text", "")))
         try:
-            mod = build_ko_module(path, data, self.system, companion)
+            mod = build_ko_module(path, data, self.system, companion, flags)
         except KoError as e:
             return fail(e.errno, str(e), file_error=e.errno == errno.ENOEXEC)
         return await self.init_module(mod, params)

@@ -30,7 +30,7 @@ from klpfs.control.samples import find_module_file, module_stem
 from klpfs.control.toolwords import (
     busybox_insert, busybox_remove, kmod_insert, kmod_missing, kmod_remove, mod_strerror, modprobe_insert,
     modprobe_remove)
-from klpfs.elf.kmod import KoError
+from klpfs.elf.kmod import MODULE_INIT_IGNORE_MODVERSIONS, MODULE_INIT_IGNORE_VERMAGIC, KoError
 from klpfs.elf.kmod import modinfo_fields as ko_modinfo_fields
 from klpfs.modules.pymodule import PyModuleError, read_modinfo
 
@@ -136,7 +136,9 @@ def insmod(argv: list[str]) -> int:
         print(kmod_missing(args.filename), file=sys.stderr)
         return 1
     try:
-        CLIENT.insmod(path, args.args)
+        # kmod's insmod -f: KMOD_PROBE_FORCE_MODVERSION | KMOD_PROBE_FORCE_VERMAGIC.
+        CLIENT.insmod(path, args.args,
+                      flags=MODULE_INIT_IGNORE_MODVERSIONS | MODULE_INIT_IGNORE_VERMAGIC if args.force else 0)
     except Refused as refusal:
         print("\n".join(kmod_insert(args.filename, refusal)), file=sys.stderr)
         return 1
@@ -175,11 +177,16 @@ def modprobe(argv: list[str]) -> int:
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-n", "--dry-run", action="store_true")
+    # kmod's modprobe: -f is both --force-vermagic and --force-modversion (and, with -r,
+    # a forced removal); each passes its finit_module() flag.
+    parser.add_argument("-f", "--force", action="store_true")
+    parser.add_argument("--force-vermagic", action="store_true")
+    parser.add_argument("--force-modversion", action="store_true")
     parser.add_argument("module")
     parser.add_argument("args", nargs="*")
     args = parser.parse_args(argv)
     if args.remove:
-        return max(_remove(name, "modprobe") for name in [args.module, *args.args])
+        return max(_remove(name, "modprobe", args.force) for name in [args.module, *args.args])
     path = find_module_file(module_stem(args.module), _search())
     if path is None:
         if not args.quiet:
@@ -189,8 +196,10 @@ def modprobe(argv: list[str]) -> int:
         return 1
     if args.dry_run or _loaded(module_stem(path.name)):
         return 0
+    flags = ((MODULE_INIT_IGNORE_VERMAGIC if args.force or args.force_vermagic else 0)
+             | (MODULE_INIT_IGNORE_MODVERSIONS if args.force or args.force_modversion else 0))
     try:
-        CLIENT.insmod(path, args.args)
+        CLIENT.insmod(path, args.args, flags=flags)
     except Refused as refusal:
         print(modprobe_insert(module_stem(args.module), refusal), file=sys.stderr)
         return 1

@@ -17,6 +17,10 @@ the generic loader (klpfs.kernel.module) takes over, in the kernel's order
 5. check_modinfo: vermagic compared by same_magic() (the release word is
    ignored when the module has CRCs): "<mod>: version magic '...' should be
    '...'", -ENOEXEC;
+   finit_module()'s MODULE_INIT_IGNORE_MODVERSIONS / _VERMAGIC (`insmod -f`)
+   skip checks 4 and 5 through try_to_force_load(): with
+   CONFIG_MODULE_FORCE_LOAD "<mod>: <reason>: kernel tainted." and taint F,
+   without it -ENOEXEC;
 6. then the Module is built; simplify_symbols ("Unknown symbol") and
    apply_relocations (unknown relocation types, `.klp.rela.vmlinux.*`
    symbols resolved by livepatch) run as its check_symbols hook, after the
@@ -49,14 +53,13 @@ from klpfs.elf.reader import (
     SHN_UNDEF, SHT_NOBITS, SHT_NULL, SHT_SYMTAB, STB_WEAK, STT_FUNC, ElfError, ElfFile, Extern, Symbol)
 from klpfs.elf.x86 import Program, decode_function, referenced_strings
 from klpfs.kernel.kallsyms import Body, FuncDef
-from klpfs.kernel.module import Module
+from klpfs.kernel.module import TAINT_FORCED_MODULE, Module
 from klpfs.kernel.params import ParamSpec
 from klpfs.kernel.printk import KERN_ERR, KERN_WARNING
 from klpfs.livepatch.structs import KlpCallbacks, KlpFunc, KlpObject, KlpPatch, KlpState
 from klpfs.profiles import Rule
 
 if TYPE_CHECKING:
-    from klpfs.profiles import Profile
     from klpfs.system import System
 
 MODULE_SIG_STRING = b"~Module signature appended~\n"
@@ -259,8 +262,17 @@ def same_magic(amagic: str, bmagic: str, has_crcs: bool) -> bool:
     return amagic == bmagic
 
 
-def check_load(ko: KoFile, profile: Profile, refuse: _Refusal) -> None:
-    """setup_load_info, check_modstruct_version and check_modinfo's vermagic."""
+# finit_module()'s flags (include/uapi/linux/module.h): skip a check, at the price of a taint.
+MODULE_INIT_IGNORE_MODVERSIONS = 1
+MODULE_INIT_IGNORE_VERMAGIC = 2
+
+
+def check_load(ko: KoFile, system: System, refuse: _Refusal, flags: int = 0) -> bool:
+    """setup_load_info, check_modstruct_version and check_modinfo's vermagic.  A check that
+    `flags` skip, or that has nothing to check, goes to try_to_force_load(): the kernel is
+    tainted F there and then, and True says the module is to be marked F; without
+    CONFIG_MODULE_FORCE_LOAD the load is refused with -ENOEXEC and nothing logged."""
+    profile = system.profile
     elf = ko.elf
     info_name = ko.get("name") or "(missing .modinfo section or name field)"
     if elf.symtab is None:
@@ -269,26 +281,41 @@ def check_load(ko: KoFile, profile: Profile, refuse: _Refusal) -> None:
     if elf.section(".gnu.linkonce.this_module") is None:
         raise refuse(errno.ENOEXEC, f"{ko.path}: no .gnu.linkonce.this_module (struct module) section",
                      (KERN_WARNING, f"{info_name}: No module found in object"))
+    forced = False
+
+    def try_to_force_load(reason: str) -> None:
+        nonlocal forced
+        if not profile.module_force_load:
+            raise refuse(errno.ENOEXEC, f"{ko.path}: {reason}, and this kernel has no CONFIG_MODULE_FORCE_LOAD")
+        system.kernel.modules.try_to_force_load(ko.name, reason)
+        forced = True
+
+    # rewrite_section_headers(): MODULE_INIT_IGNORE_MODVERSIONS pretends there is no __versions.
     # same_magic() and check_version() exist only with CONFIG_MODVERSIONS: without it the
     # whole vermagic is compared and no CRC is looked at.
-    has_crcs = profile.modversions and elf.section("__versions") is not None
+    has_crcs = (profile.modversions and elf.section("__versions") is not None
+                and not flags & MODULE_INIT_IGNORE_MODVERSIONS)
     if profile.modversions and profile.module_layout_crc is not None and ko.embedded is None:
         crc = _modversion_crc(ko, "module_layout")
         if not has_crcs:
-            # check_version() without __versions: try_to_force_load() refuses (no MODULE_FORCE_LOAD).
-            raise refuse(errno.ENOEXEC, f"{ko.path}: no __versions section, this kernel has modversions")
-        if crc is None:
+            # check_version() with no __versions index: "modprobe --force does this".
+            try_to_force_load("module_layout")
+        elif crc is None:
             raise refuse(errno.ENOEXEC, f"{ko.path}: no symbol version for module_layout",
                          (KERN_WARNING, f"{ko.name}: no symbol version for module_layout"))
-        if crc != profile.module_layout_crc:
+        elif crc != profile.module_layout_crc:
             raise refuse(errno.ENOEXEC, f"{ko.path}: module_layout CRC {crc:#x}, this kernel's is "
                                         f"{profile.module_layout_crc:#x}",
                          (KERN_WARNING, f"{ko.name}: disagrees about version of symbol module_layout"))
-    if ko.vermagic is None:
-        raise refuse(errno.ENOEXEC, f"{ko.path}: no vermagic in .modinfo (modprobe --force would be needed)")
-    if not same_magic(ko.vermagic, profile.vermagic, has_crcs):
-        raise refuse(errno.ENOEXEC, f"{ko.path}: built for '{ko.vermagic}', this kernel is '{profile.vermagic}'",
-                     (KERN_ERR, f"{ko.name}: version magic '{ko.vermagic}' should be '{profile.vermagic}'"))
+    # check_modinfo(): MODULE_INIT_IGNORE_VERMAGIC drops the vermagic, which is then as
+    # missing, and a missing one is allowed only by forcing.
+    vermagic = None if flags & MODULE_INIT_IGNORE_VERMAGIC else ko.vermagic
+    if vermagic is None:
+        try_to_force_load("bad vermagic")
+    elif not same_magic(vermagic, profile.vermagic, has_crcs):
+        raise refuse(errno.ENOEXEC, f"{ko.path}: built for '{vermagic}', this kernel is '{profile.vermagic}'",
+                     (KERN_ERR, f"{ko.name}: version magic '{vermagic}' should be '{profile.vermagic}'"))
+    return forced
 
 
 def _simplify_symbols(ko: KoFile, mod: Module, system: System) -> int:
@@ -508,9 +535,11 @@ def _sample_init(system: System, klp: KlpCall) -> int:
     return ret
 
 
-def build_ko_module(path: str | Path, data: bytes, system: System, behaviour: tuple[str, str] | None = None) -> Module:
+def build_ko_module(path: str | Path, data: bytes, system: System, behaviour: tuple[str, str] | None = None,
+                    flags: int = 0) -> Module:
     """The Module for a .ko file's bytes, checked as load_module() checks it; KoError (after
-    logging what the kernel logs) if the kernel would refuse it.
+    logging what the kernel logs) if the kernel would refuse it.  `flags`: finit_module()'s
+    MODULE_INIT_IGNORE_* (a forced load).
 
     `behaviour`: (path, text) of a Python module that supplies the functions' behaviour
     (klpfs.elf.companion); by default X.py beside X.ko does (the caller reads it).
@@ -528,14 +557,16 @@ def build_ko_module(path: str | Path, data: bytes, system: System, behaviour: tu
         raise refuse(e.errno, str(e), *([(KERN_ERR, line)] if line else [])) from None
     if line is not None:
         raise refuse(errno.ENOEXEC, f"{path}: {line}", (KERN_ERR, line))
-    check_load(ko, system.profile, refuse)
+    forced = check_load(ko, system, refuse, flags)
     if ko.embedded is not None:
         # klpfs's own .ko: the module file it carries, loaded as that file loads (same
         # size, taints and log), so writing a module out as a .ko changes nothing.
         mod = _embedded_module(ko, system)
         mod.data["ko"] = ko
+        _mark_forced(mod, forced)
         return mod
     mod = _ko_module(ko, system, refuse)
+    _mark_forced(mod, forced)
     if behaviour is not None:
         from klpfs.elf.companion import with_behaviour
         mod = with_behaviour(ko, mod, behaviour[0], behaviour[1], system)
@@ -546,6 +577,24 @@ def build_ko_module(path: str | Path, data: bytes, system: System, behaviour: tu
     mod.data["file"] = path
     mod.data["ko"] = ko
     return mod
+
+
+def _mark_forced(mod: Module, forced: bool) -> None:
+    """add_taint_module()'s part in the module: its F in /proc/modules and its taint file."""
+    if forced:
+        mod.taint_mask |= 1 << TAINT_FORCED_MODULE[0]
+
+
+def force_source_module(mod: Module, system: System, flags: int) -> None:
+    """A module from a .py or TOML file is built for the running kernel: it has this
+    kernel's vermagic (as the .ko klpfs writes of it) and no CRCs to ignore, so only
+    MODULE_INIT_IGNORE_VERMAGIC matters, forcing as check_modinfo() forces any module."""
+    if not flags & MODULE_INIT_IGNORE_VERMAGIC:
+        return
+    if not system.profile.module_force_load:
+        raise KoError(errno.ENOEXEC, f"{mod.name}: bad vermagic, and this kernel has no CONFIG_MODULE_FORCE_LOAD")
+    system.kernel.modules.try_to_force_load(mod.name, "bad vermagic")
+    _mark_forced(mod, True)
 
 
 def _ko_module(ko: KoFile, system: System, refuse: _Refusal) -> Module:

@@ -50,14 +50,15 @@ MODULE_STATE_TEXT = {
 }
 
 # Taint flags as /proc/sys/kernel/tainted counts them.
+TAINT_FORCED_MODULE = 1, "F"
 TAINT_FORCED_RMMOD = 3, "R"
 TAINT_DIE = 7, "D"
 TAINT_OOT_MODULE = 12, "O"
 TAINT_UNSIGNED_MODULE = 13, "E"
 TAINT_SOFTLOCKUP = 14, "L"
 TAINT_LIVEPATCH = 15, "K"
-TAINT_FLAGS = sorted((TAINT_FORCED_RMMOD, TAINT_DIE, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE, TAINT_SOFTLOCKUP,
-                      TAINT_LIVEPATCH))
+TAINT_FLAGS = sorted((TAINT_FORCED_MODULE, TAINT_FORCED_RMMOD, TAINT_DIE, TAINT_OOT_MODULE, TAINT_UNSIGNED_MODULE,
+                      TAINT_SOFTLOCKUP, TAINT_LIVEPATCH))
 
 
 def taint_letters(mask: int) -> str:
@@ -224,6 +225,16 @@ class ModuleLoader:
             self.printk(level, f"{mod.name}: {message}")
         self.tainted |= 1 << bit
         mod.taint_mask |= 1 << bit
+
+    def try_to_force_load(self, name: str, reason: str) -> None:
+        """try_to_force_load() under CONFIG_MODULE_FORCE_LOAD: a check the loader was told to
+        skip (or could not make) taints the kernel F, before the module exists as one, so
+        the taint stays if the load then fails; the warning comes only while F is not yet
+        set.  The module's own F (module->taints) is the caller's to mark."""
+        bit = TAINT_FORCED_MODULE[0]
+        if not self.tainted & 1 << bit:
+            self.printk(KERN_WARNING, f"{name}: {reason}: kernel tainted.")
+        self.tainted |= 1 << bit
 
     def load_module(self, mod: Module) -> int:
         """Load with init run inside this call: init may not sleep (engine tests)."""
