@@ -7,8 +7,15 @@ one is what `--json` prints, so the field names here are the documented keys
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], data: dict[str, Any]) -> T:
+    """A reply whose JSON keys are exactly the dataclass's fields, one for one."""
+    return cls(**{f.name: data[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -21,7 +28,7 @@ class ModuleInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModuleInfo:
-        return cls(name=data["name"], size=data["size"], refcnt=data["refcnt"])
+        return from_fields(cls, data)
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,7 @@ class Record:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        return cls(seq=data["seq"], level=data["level"], facility=data["facility"], time=data["time"],
-                   text=data["text"])
+        return from_fields(cls, data)
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,7 @@ class TaskInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TaskInfo:
-        return cls(pid=data["pid"], comm=data["comm"], kind=data["kind"], state=data["state"],
-                   patch_state=data["patch_state"], where=data["where"])
+        return from_fields(cls, data)
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class Patch:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Patch:
-        return cls(name=data["name"], enabled=data["enabled"], transition=data["transition"])
+        return from_fields(cls, data)
 
 
 @dataclass(frozen=True)
